@@ -1,0 +1,159 @@
+"""Every registered model: shapes, finiteness, gradients, BatchNorm updates, dtypes, input checks."""
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cnnjax
+
+# Models whose every-model test takes tens of seconds on a 2-core CPU; CI runs them too.
+HEAVY = {"resnet152", "se_resnet152", "resnext101_32x8d", "resnet101", "se_resnet101",
+         "wide_resnet50_2"}
+ALL = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in cnnjax.list_models()]
+
+
+def small_size(model) -> int:
+    return max(model.min_input_size, 32)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_train_and_gradients(name):
+    model = cnnjax.create_model(name, num_classes=10)
+    size = small_size(model)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    w = jax.random.normal(jax.random.key(2), (2, 10))
+
+    @jax.jit
+    def run(variables, x):
+        def loss(params):
+            logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                          mutable=["batch_stats"],
+                                          rngs={"dropout": jax.random.key(3)})
+            return jnp.sum(logits * w), (logits, updates)
+        grads, (train_logits, updates) = jax.grad(loss, has_aux=True)(variables["params"])
+        return model.apply(variables, x, train=False), train_logits, updates, grads
+
+    eval_logits, train_logits, updates, grads = run(variables, x)
+    chex.assert_shape([eval_logits, train_logits], (2, 10))
+    chex.assert_tree_all_finite((eval_logits, train_logits, grads))
+    zero = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads)
+            if not np.any(np.asarray(g) != 0)]
+    assert not zero, f"{name}: parameters with an all-zero gradient: {zero}"
+    if "batch_stats" in variables:  # train mode updates the running statistics
+        before = jax.tree_util.tree_leaves(variables["batch_stats"])
+        after = jax.tree_util.tree_leaves(updates["batch_stats"])
+        assert any(not np.allclose(a, b) for a, b in zip(before, after))
+    else:
+        assert updates == {} or not updates.get("batch_stats")
+
+
+@pytest.mark.parametrize("name", cnnjax.list_models())
+def test_num_classes_and_bf16_compute_keeps_float32_params(name):
+    model = cnnjax.create_model(name, num_classes=7, dtype=jnp.bfloat16)
+    size = small_size(model)
+    x = jax.ShapeDtypeStruct((3, size, size, 3), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    dtypes = {leaf.dtype for leaf in jax.tree_util.tree_leaves(variables)}
+    assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
+    logits = jax.eval_shape(functools.partial(model.apply, train=False), variables, x)
+    chex.assert_shape(logits, (3, 7))
+    assert logits.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "alexnet_v1"])
+def test_bf16_forward_is_finite_and_close_to_float32(name):
+    f32 = cnnjax.create_model(name, num_classes=10)
+    bf16 = cnnjax.create_model(name, num_classes=10, dtype=jnp.bfloat16)
+    size = small_size(f32)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    variables = f32.init(jax.random.key(1), x, train=False)
+    a = f32.apply(variables, x, train=False)
+    b = bf16.apply(variables, x, train=False)
+    chex.assert_tree_all_finite(b)
+    assert jnp.abs(a - b.astype(jnp.float32)).max() <= 0.05 * jnp.abs(a).max() + 1e-3
+
+
+@pytest.mark.parametrize("name", cnnjax.list_models())
+def test_min_input_size_is_exact(name):
+    """The model takes min_input_size; one pixel less raises a ValueError naming the minimum,
+    and without the check that smaller input would really break (a layer with an empty output)."""
+    model = cnnjax.create_model(name)
+    m = model.min_input_size
+    prof = cnnjax.profile(name, m)
+    assert all(0 not in layer.output_shape for layer in prof.layers)
+    if m == 1:
+        return
+    with pytest.raises(ValueError, match=f"at least {m}x{m} pixels; got {m - 1}x{m - 1}"):
+        cnnjax.profile(name, m - 1)
+    try:
+        unchecked = cnnjax.profile(name, m - 1, min_input_size=1)
+    except Exception:  # noqa: BLE001 - any failure shows the size is really too small
+        return
+    assert any(0 in layer.output_shape for layer in unchecked.layers)
+
+
+def test_alexnet_at_32_says_the_smallest_size():
+    model = cnnjax.create_model("alexnet")
+    with pytest.raises(ValueError, match=r"alexnet needs an input of at least 63x63 pixels; got 32x32"):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+
+
+@pytest.mark.parametrize("shape, message", [
+    ((224, 224, 3), r"expects a batch of images of shape \(N, H, W, 3\) \(NHWC\); got an array of shape \(224, 224, 3\)"),
+    ((1, 64, 64, 1), r"expects 3 input channels in the last axis \(NHWC\); got shape \(1, 64, 64, 1\)"),
+    ((1, 3, 64, 64), r"looks channels-first \(NCHW\): transpose it to NHWC"),
+])
+def test_wrong_rank_or_channels_is_a_clear_error(shape, message):
+    model = cnnjax.create_model("resnet18")
+    with pytest.raises(ValueError, match=message):
+        model.init(jax.random.key(0), jnp.zeros(shape), train=False)
+
+
+def test_integer_images_are_refused():
+    model = cnnjax.create_model("resnet18")
+    with pytest.raises(ValueError, match="floating-point images"):
+        model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False)
+
+
+def test_channel_check_also_guards_apply():
+    """Initialised for 3 channels, a 1-channel batch fails with the message, not an XLA error."""
+    model = cnnjax.create_model("resnet18")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    with pytest.raises(ValueError, match="expects 3 input channels"):
+        model.apply(variables, jnp.zeros((1, 32, 32, 1)), train=False)
+
+
+def test_in_channels_override_for_grayscale():
+    model = cnnjax.create_model("resnet18", num_classes=10, in_channels=1)
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False)
+    chex.assert_shape(model.apply(variables, jnp.zeros((2, 8, 8, 1)), train=False), (2, 10))
+    assert variables["params"]["conv_init"]["kernel"].shape == (7, 7, 1, 64)
+
+
+def test_dropout_needs_and_uses_the_dropout_rng():
+    model = cnnjax.create_model("alexnet", num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (2, 63, 63, 3))
+    variables = model.init(jax.random.key(1), x, train=False)
+    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(model.apply(variables, x, train=False),
+                                  model.apply(variables, x, train=False))
+
+
+def test_zero_init_residual_makes_blocks_start_as_identity_branches():
+    model = cnnjax.create_model("resnet50", zero_init_residual=True)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                               jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+    real = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    for stage_block in ("stage1_block1", "stage4_block3"):
+        assert np.all(np.asarray(real["params"][stage_block]["bn3"]["scale"]) == 0)
+        assert np.all(np.asarray(real["params"][stage_block]["bn1"]["scale"]) == 1)
+    default = cnnjax.create_model("resnet18").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
+                                                    train=False)
+    assert np.all(np.asarray(default["params"]["stage1_block1"]["bn2"]["scale"]) == 1)
+    assert variables["params"]["stage1_block1"]["bn3"]["scale"].shape == (256,)
