@@ -158,6 +158,29 @@ class SqueezeExcite(nn.Module):
         return x * s[:, None, None, :].astype(x.dtype)
 
 
+class ConvNormAct(nn.Module):
+    """Conv (no bias) -> BatchNorm -> activation, the unit of GoogLeNet and the mobile networks.
+
+    `conv` and `norm` are the factories a family builds once in its `__call__` (`conv(...)` and
+    `batch_norm(...)` below); `groups=channels` makes the conv depthwise; `act=None` skips it.
+    """
+    conv: ModuleDef
+    norm: ModuleDef
+    features: int
+    kernel: int | tuple[int, int] = 3
+    stride: int = 1
+    groups: int = 1
+    padding: int | None = None
+    act: Callable | None = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        x = self.conv(self.features, self.kernel, self.stride, self.padding, self.groups,
+                      name="conv")(x)
+        x = self.norm(name="bn")(x)
+        return x if self.act is None else self.act(x)
+
+
 def channel_shuffle(x: jax.Array, groups: int) -> jax.Array:
     """ShuffleNet's channel shuffle (Zhang et al. 2018, Sec. 3.1).
 
