@@ -11,7 +11,7 @@ import cnnjax
 
 # Models whose every-model test takes tens of seconds on a 2-core CPU; CI runs them too.
 HEAVY = {"resnet152", "se_resnet152", "resnext101_32x8d", "resnet101", "se_resnet101",
-         "wide_resnet50_2"}
+         "wide_resnet50_2", "densenet161", "densenet169", "densenet201"}
 ALL = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in cnnjax.list_models()]
 
 

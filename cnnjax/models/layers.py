@@ -205,9 +205,14 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
 
 
 def batch_norm(train: bool, dtype: Any, param_dtype: Any, **kw) -> ModuleDef:
-    """BatchNorm with PyTorch's momentum (0.1, i.e. 0.9 here) and epsilon (1e-5)."""
-    return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=dtype, param_dtype=param_dtype, **kw)
+    """BatchNorm with PyTorch's defaults: momentum 0.1 (0.9 here), epsilon 1e-5; `kw` overrides.
+
+    The variance is computed in two passes, E[(x - mean)^2], not E[x^2] - mean^2: the one-pass
+    form cancels catastrophically and made results depend on how the batch was sharded.
+    """
+    options = {"momentum": 0.9, "epsilon": 1e-5, "use_fast_variance": False, **kw}
+    return functools.partial(nn.BatchNorm, use_running_average=not train, dtype=dtype,
+                             param_dtype=param_dtype, **options)
 
 
 def conv(dtype: Any, param_dtype: Any, **kw) -> ModuleDef:
