@@ -1,0 +1,87 @@
+"""All device layout in one place: multi-host start-up, the mesh, shardings, global batches.
+
+Data parallelism with `jax.jit` and shardings over a one-axis `Mesh` ("data") of every device of
+every process: the batch is split over "data", the train state is replicated. BatchNorm
+statistics are then computed over the global batch by XLA with no extra code (no pmap, no
+axis_name). Each process feeds only its own rows; `global_batch` assembles them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> None:
+    """Starts multi-host JAX. Call before any other JAX call.
+
+    With explicit flags (GPU clusters, or several processes on one CPU machine) they are passed
+    to `jax.distributed.initialize`; on a TPU pod (TPU_WORKER_HOSTNAMES set by the runtime with
+    more than one host) it needs none. A single process with no flags does nothing.
+    """
+    explicit = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            raise ValueError("multi-process runs need all of --coordinator_address, "
+                             "--num_processes and --process_id (or none, on a TPU pod)")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
+        jax.distributed.initialize()
+
+
+def make_mesh(devices: Any = None) -> Mesh:
+    """A one-axis mesh ("data") over `devices` (default: every device of every process)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return Mesh(devices.reshape(-1), (DATA_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, num_devices: int) -> None:
+    """The global batch must split evenly over the devices; say which sizes would."""
+    n = num_devices
+    if batch_size < 1 or batch_size % n:
+        below, above = max(n, batch_size // n * n), (batch_size // n + 1) * n
+        nearest = " or ".join(str(v) for v in sorted({below, above}))
+        raise ValueError(f"--batch_size={batch_size} must be divisible by the number of devices "
+                         f"({n}); nearest valid sizes: {nearest}")
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Assembles the global batch from each process's own rows (in process order)."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places a host pytree (identical on every process) replicated on every device."""
+    sharding = replicated(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_callback(np.shape(x), sharding, lambda _: np.asarray(x)),
+        tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Fetches replicated arrays to numpy (works when they span other processes' devices)."""
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))
+                                  if isinstance(x, jax.Array) else x, tree)
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0

@@ -1,0 +1,65 @@
+"""Train a cnnjax model: the same command on a laptop, a multi-GPU server and every TPU pod host.
+
+    python -m experiments.train --arch=densenet121            # embedded digits, offline
+    python -m experiments.train --config=cifar10_resnet18 --batch_size=512
+    python -m experiments.train --arch=resnet50 --dataset=imagenet2012 --data_dir=... --batch_size=1024
+
+Multi-process off a pod: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+Rerunning with the same --workdir resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+
+from experiments import configs
+
+
+def _parser() -> argparse.ArgumentParser:
+    from cnnjax.train import TrainConfig
+    p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="default", help=f"preset: {', '.join(configs.names())}")
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        if f.name == "model_overrides":
+            p.add_argument("--model_overrides", type=json.loads, default=None,
+                           help='JSON of create_model options, e.g. \'{"zero_init_residual": true}\'')
+            continue
+        base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
+        p.add_argument(f"--{f.name}", type=base, default=None, help=f"default: {f.default!r}")
+    p.add_argument("--coordinator_address", default=None)
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    return p
+
+
+def make_config(args: argparse.Namespace):
+    """Defaults < the preset < the flags given on the command line."""
+    from cnnjax.train import TrainConfig
+    values = configs.load(args.config)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    return TrainConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from cnnjax import parallel
+    try:
+        parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        from cnnjax.train import train_and_evaluate
+        train_and_evaluate(make_config(args), verbose=not args.quiet)
+    except ValueError as e:  # bad input: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,256 @@
+"""The training system: topology independence, multi-host, resume, learning, bad input."""
+import contextlib
+import hashlib
+import io
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from cnnjax import checkpoint, data, parallel, train
+from experiments import train as train_cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The embedded digits, prepared once for the whole session."""
+    d = tmp_path_factory.mktemp("tfds")
+    data.dataset_info("digits", data_dir=str(d))
+    return str(d)
+
+
+def env(devices: int) -> dict:
+    e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"))
+    e.pop("JAX_NUM_CPU_DEVICES", None)
+    return e
+
+
+def cli(*args, **kw):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = train_cli.main(list(args))
+    return code, err.getvalue()
+
+
+def read_metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+
+
+def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir):
+    out = subprocess.run([sys.executable, str(ROOT / "tests" / "multidevice_step.py"), "8",
+                          data_dir], capture_output=True, text=True, env=env(1), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["devices"] == 8 and r["shards"] == 8
+    np.testing.assert_allclose(r["loss_n"], r["loss_1"], rtol=1e-5)
+    assert r["params_diff"] < 1e-5 and r["batch_stats_diff"] < 1e-5, r
+    assert r["bn_identical_on_devices"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(data_dir, tmp_path):
+    """2 processes x 2 CPU devices run 3 steps of the real CLI; 1 process x 1 device agrees.
+
+    To float tolerance, not bitwise: the BatchNorm statistics and the gradient are summed over 4
+    shards and then all-reduced, a different float32 summation order than one device's; a small
+    learning rate keeps three steps from amplifying that rounding.
+    """
+    common = ["-m", "experiments.train", "--arch=resnet18", f"--data_dir={data_dir}",
+              "--batch_size=16", "--num_steps=3", "--log_every=1", "--learning_rate=0.01",
+              "--quiet"]
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, *common, f"--workdir={tmp_path / 'multi'}",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
+        env=env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    single = subprocess.run([sys.executable, *common, f"--workdir={tmp_path / 'single'}"],
+                            env=env(1), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    multi_m, single_m = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    loss = lambda ms: [m["loss"] for m in ms if "loss" in m]
+    assert len(loss(multi_m)) == 3  # only process 0 writes metrics
+    np.testing.assert_allclose(loss(multi_m), loss(single_m), rtol=1e-5)
+    a, _ = checkpoint.Checkpointer(tmp_path / "multi").restore_on_host()
+    b, _ = checkpoint.Checkpointer(tmp_path / "single").restore_on_host()
+    for x, y in zip(jax.tree_util.tree_leaves(a["params"]), jax.tree_util.tree_leaves(b["params"])):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5)
+    assert int(a["step"]) == 3
+
+
+def test_processes_read_disjoint_rows_that_make_the_global_batch(data_dir):
+    kw = dict(data_dir=data_dir, image_size=32, global_batch_size=16, train=True, seed=0)
+    whole = data.Loader("digits", "train", **kw).batch(5)
+    parts = [data.Loader("digits", "train", process_index=i, process_count=2, **kw).batch(5)
+             for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([p["image"] for p in parts]), whole["image"])
+    assert not np.array_equal(parts[0]["image"], parts[1]["image"])
+
+
+def small(workdir, **kw):
+    base = dict(arch="resnet18", dataset="digits", batch_size=32, num_steps=8, log_every=2,
+                learning_rate=0.4, workdir=str(workdir))
+    return train.TrainConfig(**{**base, **kw})
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(data_dir, tmp_path):
+    full = train.train_and_evaluate(small(tmp_path / "a", data_dir=data_dir), verbose=False)
+    part = train.train_and_evaluate(small(tmp_path / "b", data_dir=data_dir), verbose=False,
+                                    stop_after=4)
+    assert part["steps"] == 4 and checkpoint.Checkpointer(tmp_path / "b").latest_step() == 4
+    resumed = train.train_and_evaluate(small(tmp_path / "b", data_dir=data_dir), verbose=False)
+    for x, y in zip(jax.tree_util.tree_leaves(full["state"]),
+                    jax.tree_util.tree_leaves(resumed["state"])):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise on the CPU
+    la = [m for m in read_metrics(tmp_path / "a") if "loss" in m]
+    lb = [m for m in read_metrics(tmp_path / "b") if "loss" in m]
+    assert [m["loss"] for m in la] == [m["loss"] for m in lb]
+    assert resumed["eval_top1"] == full["eval_top1"]
+
+
+def test_metrics_jsonl_and_workdir_contents(data_dir, tmp_path):
+    train.train_and_evaluate(small(tmp_path, data_dir=data_dir, num_steps=4, eval_every=2),
+                             verbose=False)
+    records = read_metrics(tmp_path)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_top1" in r]
+    assert [r["step"] for r in steps] == [2, 4] and [r["step"] for r in evals] == [2, 4]
+    assert set(steps[0]) == {"step", "loss", "lr", "img_per_s"}
+    assert set(evals[0]) == {"step", "eval_loss", "eval_top1", "eval_top5"}
+    assert steps[1]["lr"] > steps[0]["lr"] > 0  # warming up
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["arch"] == "resnet18" and config["image_size"] == 32
+    assert checkpoint.Checkpointer(tmp_path).latest_step() == 4
+    model, variables, record = train.load_checkpoint(tmp_path)
+    assert record["data_position"]["step"] == 4
+    x = data.Loader("digits", "test", data_dir=data_dir, image_size=32, global_batch_size=8,
+                    train=False).batch(0)["image"]
+    assert model.apply(variables, x, train=False).shape == (8, 10)
+
+
+def test_eval_counts_every_test_example_once(data_dir, tmp_path):
+    out = train.train_and_evaluate(small(tmp_path, data_dir=data_dir, num_steps=1,
+                                         batch_size=64), verbose=False)
+    assert out["eval_count"] == data.dataset_info("digits", data_dir=data_dir).num_test
+
+
+@pytest.mark.slow
+def test_default_recipe_learns_the_digits(data_dir, tmp_path):
+    """A short run of the default preset reaches far above chance (10%)."""
+    code, err = cli("--arch=resnet18", f"--data_dir={data_dir}", f"--workdir={tmp_path}",
+                    "--num_epochs=3", "--quiet")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["eval_top1"] > 0.8, summary
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch=resnet5"], "unknown model 'resnet5'; did you mean resnet50"),
+    (["--dataset=imagenet22k"], "imagenet22k"),
+    (["--arch=alexnet", "--image_size=32"], "--image_size=32 is too small for alexnet: it needs at least 63x63"),
+    (["--optimizer=lamb"], "unknown optimizer 'lamb'"),
+    (["--config=nope"], "unknown --config='nope'"),
+])
+def test_bad_input_is_one_clear_line(data_dir, tmp_path, args, message):
+    code, err = cli(*args, f"--data_dir={data_dir}", f"--workdir={tmp_path}", "--num_steps=1",
+                    "--quiet")
+    assert code == 2 and message in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_batch_size_must_divide_by_the_device_count():
+    parallel.check_batch_size(64, 8)
+    with pytest.raises(ValueError, match=r"--batch_size=100 must be divisible by the number of "
+                                         r"devices \(8\); nearest valid sizes: 96 or 104"):
+        parallel.check_batch_size(100, 8)
+    with pytest.raises(ValueError, match="nearest valid sizes: 8"):
+        parallel.check_batch_size(3, 8)
+
+
+def test_batch_size_error_on_eight_devices_from_the_cli(data_dir):
+    out = subprocess.run([sys.executable, "-m", "experiments.train", f"--data_dir={data_dir}",
+                          "--batch_size=20", "--num_steps=1"], cwd=ROOT, env=env(8),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "--batch_size=20 must be divisible by the number of devices (8)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def _tree_digest(path: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def test_a_workdir_of_another_arch_is_refused_and_left_untouched(data_dir, tmp_path):
+    train.train_and_evaluate(small(tmp_path, data_dir=data_dir, num_steps=2), verbose=False)
+    before = _tree_digest(tmp_path)
+    code, err = cli("--arch=vgg11", f"--data_dir={data_dir}", f"--workdir={tmp_path}",
+                    "--num_steps=2", "--quiet")
+    assert code == 2 and "belongs to a different run" in err and "arch: 'resnet18' there" in err
+    assert _tree_digest(tmp_path) == before
+    (tmp_path / "config.json").unlink()  # even without config.json the checkpoint guards itself
+    with pytest.raises(checkpoint.CheckpointMismatch, match="nothing was overwritten"):
+        train.train_and_evaluate(small(tmp_path, data_dir=data_dir, arch="vgg11"), verbose=False)
+    assert checkpoint.Checkpointer(tmp_path).latest_step() == 2
+
+
+def test_unprepared_dataset_fails_fast_with_instructions(tmp_path):
+    code, err = cli("--dataset=cifar10", f"--data_dir={tmp_path}", "--num_steps=1", "--quiet")
+    assert code == 2 and "cifar10" in err
+
+
+def test_presets_open_with_their_command_and_flags_override_them():
+    from experiments import configs
+    assert {"default", "cifar10_resnet18", "imagenet_resnet50"} <= set(configs.names())
+    for name in configs.names():
+        import importlib
+        doc = importlib.import_module(f"experiments.configs.{name}").__doc__
+        assert doc.startswith("python -m experiments.train"), name
+    rn50 = configs.load("imagenet_resnet50")
+    assert (rn50["batch_size"], rn50["num_epochs"], rn50["warmup_epochs"], rn50["weight_decay"],
+            rn50["dtype"], rn50["optimizer"]) == (1024, 100, 5, 1e-4, "bfloat16", "sgd")
+    args = train_cli._parser().parse_args(["--config=imagenet_resnet50", "--batch_size=256"])
+    config = train_cli.make_config(args)
+    assert config.batch_size == 256 and config.arch == "resnet50" and config.dtype == "bfloat16"
+
+
+def test_optimizer_skips_weight_decay_on_bn_and_bias_and_scales_lr():
+    params = {"conv": {"kernel": np.ones((3, 3, 1, 2))}, "bn": {"scale": np.ones(2)},
+              "fc": {"bias": np.ones(2)}}
+    mask = train.decay_mask(params)
+    assert mask == {"conv": {"kernel": True}, "bn": {"scale": False}, "fc": {"bias": False}}
+    config = train.TrainConfig(batch_size=1024, learning_rate=0.1, warmup_epochs=5)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch=100, total_steps=10_000)
+    assert float(schedule(0)) == 0.0
+    assert abs(float(schedule(500)) - 0.4) < 1e-6  # peak 0.1 x 1024/256 after 5 epochs
+    assert float(schedule(10_000)) < 1e-6
+
+
+def test_label_smoothing_and_float32_loss_under_bf16():
+    import jax.numpy as jnp
+    logits = jnp.array([[10.0, 0.0, 0.0]], jnp.bfloat16)
+    plain = train.cross_entropy(logits, jnp.array([0]))
+    smooth = train.cross_entropy(logits, jnp.array([0]), smoothing=0.3)
+    assert plain.dtype == jnp.float32 and smooth[0] > plain[0]
