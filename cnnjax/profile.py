@@ -137,8 +137,8 @@ def _layer(path, module, x, y, params: Any, macs: int) -> Layer:
         elif isinstance(pad, (tuple, list)):
             padding = tuple((p, p) if isinstance(p, int) else tuple(p) for p in pad)
         groups = module.feature_group_count
-        if groups > 1 and groups == x.shape[-1]:
-            kind = "dwconv"
+        if groups > 1:
+            kind = "dwconv" if groups == x.shape[-1] else "gconv"
     elif hasattr(module, "window"):
         kernel = tuple(module.window) if not isinstance(module.window, int) else (module.window,) * 2
         stride = tuple(module.stride) if not isinstance(module.stride, int) else (module.stride,) * 2

@@ -36,8 +36,9 @@ def _kxk(v) -> str:
 
 def row_values(layer: Layer) -> tuple:
     pad = "" if layer.padding is None else _kxk(tuple(p[0] for p in layer.padding))
-    conv_like = layer.kind in ("conv", "dwconv", "linear")
-    return (layer.name, layer.kind, layer.input_shape[-1] if layer.input_shape else "",
+    conv_like = layer.kind in ("conv", "gconv", "dwconv", "linear")
+    kind = f"gconv/{layer.groups}" if layer.kind == "gconv" else layer.kind
+    return (layer.name, kind, layer.input_shape[-1] if layer.input_shape else "",
             _hw(layer.input_shape), layer.output_shape[-1] if conv_like else "",
             _kxk(layer.kernel), _kxk(layer.stride), pad,
             layer.output_shape[-1] if layer.output_shape else "", _hw(layer.output_shape),

@@ -102,7 +102,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
 
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
                schedule: optax.Schedule) -> tuple[Callable, Callable]:
-    """The pure train and eval steps (not yet jitted)."""
+    """The pure train and eval steps (not yet jitted). Settings are read now, not at trace time."""
+    smoothing, aux_weight = config.label_smoothing, config.aux_loss_weight
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -112,10 +113,9 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Train
                                        batch["image"], train=True, mutable=["batch_stats"],
                                        rngs={"dropout": dropout_rng})
             logits, *aux = out if isinstance(out, tuple) else (out,)
-            loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+            loss = cross_entropy(logits, batch["label"], smoothing).mean()
             for a in aux:
-                loss += config.aux_loss_weight * cross_entropy(
-                    a, batch["label"], config.label_smoothing).mean()
+                loss += aux_weight * cross_entropy(a, batch["label"], smoothing).mean()
             return loss, updates.get("batch_stats", {})
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

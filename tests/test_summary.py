@@ -29,6 +29,16 @@ def test_alexnet_table_as_the_lecture_prints_it():
     assert lines["TOTAL"] == ["TOTAL", "2375.2", "61100.84", "716.767"]
 
 
+def test_grouped_and_depthwise_convs_are_marked():
+    rows = {r["layer"]: r for r in csv.DictReader(io.StringIO(
+        summary.render(__import__("cnnjax").profile("alexnet_v1", 227), "csv")))}
+    assert rows["conv1"]["kind"] == "conv" and rows["conv2"]["kind"] == "gconv/2"
+    assert rows["conv2"]["filters"] == "256"  # two GPUs' worth of filters, 48 inputs each
+    rows = list(csv.DictReader(io.StringIO(
+        summary.render(__import__("cnnjax").profile("mobilenet_v1", 64), "csv"))))
+    assert {r["kind"] for r in rows if r["kernel"] == "3"} == {"conv", "dwconv"}
+
+
 def test_csv_json_and_markdown_formats_parse():
     prof_csv = list(csv.DictReader(io.StringIO(run("--arch=zfnet", "--format=csv").stdout)))
     assert prof_csv[0]["layer"] == "conv1" and prof_csv[0]["out_HxW"] == "110"

@@ -1,5 +1,6 @@
 """The training system: topology independence, multi-host, resume, learning, bad input."""
 import contextlib
+import dataclasses
 import hashlib
 import io
 import json
@@ -254,3 +255,32 @@ def test_label_smoothing_and_float32_loss_under_bf16():
     plain = train.cross_entropy(logits, jnp.array([0]))
     smooth = train.cross_entropy(logits, jnp.array([0]), smoothing=0.3)
     assert plain.dtype == jnp.float32 and smooth[0] > plain[0]
+
+
+def test_adamw_bf16_clipping_smoothing_and_googlenet_aux_heads_train(data_dir, tmp_path):
+    """The options together: GoogLeNet's aux heads add their loss in train mode, bf16 compute
+    keeps float32 parameters, AdamW with clipping and label smoothing takes finite steps."""
+    config = small(tmp_path, data_dir=data_dir, arch="googlenet", num_steps=2, optimizer="adamw",
+                   learning_rate=1e-3, dtype="bfloat16", grad_clip_norm=1.0, label_smoothing=0.1,
+                   model_overrides={"aux_logits": True}, log_every=1)
+    out = train.train_and_evaluate(config, verbose=False)
+    params = out["state"].params
+    assert "aux1" in params and "aux2" in params
+    assert {x.dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype("float32")}
+    losses = [m["loss"] for m in read_metrics(tmp_path) if "loss" in m]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    # The aux heads' weighted loss is part of the training loss.
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    _, model, loader, _, _, tx, step_03, _ = train.build(config, mesh)
+    state = train.init_state(model, tx, config, 1, mesh)
+    batch = loader.batch(0)
+    no_aux = dataclasses.replace(config, aux_loss_weight=0.0)
+    step_0, _ = train.make_steps(model, tx, no_aux, train.learning_rate_schedule(no_aux, 10, 10))
+    with_aux = float(jax.jit(step_03)(state, batch)[1]["loss"])
+    without = float(jax.jit(step_0)(state, batch)[1]["loss"])
+    assert with_aux > without + 0.3  # two heads x 0.3 x a cross-entropy near ln(10)
+    model, variables, _ = train.load_checkpoint(tmp_path)
+    x = data.Loader("digits", "train", data_dir=data_dir, image_size=config.image_size,
+                    global_batch_size=32, train=True).batch(1)
+    logits = model.apply(variables, x["image"], train=False)
+    assert logits.shape == (32, 10)

@@ -43,8 +43,7 @@ class MNASNet(nn.Module):
         x = x.astype(self.dtype)
         conv = layers.conv(self.dtype, self.param_dtype)
         # TensorFlow's BN decay 0.9997, which torchvision keeps (its momentum 1 - 0.9997).
-        norm = functools.partial(layers.batch_norm(train, self.dtype, self.param_dtype),
-                                 momentum=0.9997)
+        norm = layers.batch_norm(train, self.dtype, self.param_dtype, momentum=0.9997)
         # torchvision's _round_to_multiple_of(d * alpha, 8, round_up_bias=0.9) is make_divisible:
         # nearest multiple of 8, bumped up one step when that loses more than 10%.
         depths = [layers.make_divisible(d * self.width_mult, 8) for d in DEPTHS]

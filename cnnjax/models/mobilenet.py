@@ -174,9 +174,8 @@ class MobileNetV3(nn.Module):
         x = x.astype(self.dtype)
         conv = layers.conv(self.dtype, self.param_dtype)
         # TensorFlow's BN settings, which torchvision keeps for v3: eps 1e-3, momentum 0.01.
-        # (A partial of the partial: layers.batch_norm fixes epsilon/momentum itself.)
-        norm = functools.partial(layers.batch_norm(train, self.dtype, self.param_dtype),
-                                 epsilon=1e-3, momentum=0.99)
+        norm = layers.batch_norm(train, self.dtype, self.param_dtype, epsilon=1e-3,
+                                 momentum=0.99)
         width = lambda c: layers.make_divisible(c * self.width_mult, 8)
         x = layers.ConvNormAct(conv, norm, width(16), 3, 2, act=_HS, name="stem")(x)
         for i, (k, expanded, out, se, act, s) in enumerate(self.blocks):
