@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cnnjax import flags
+
 DATA_AXIS = "data"
 
 
@@ -25,17 +27,32 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     to `jax.distributed.initialize`; on a TPU pod (TPU_WORKER_HOSTNAMES set by the runtime with
     more than one host) it needs none. A single process with no flags does nothing.
     """
-    explicit = [coordinator_address, num_processes, process_id]
-    if any(v is not None for v in explicit):
-        if any(v is None for v in explicit):
-            raise ValueError("multi-process runs need all of --coordinator_address, "
-                             "--num_processes and --process_id (or none, on a TPU pod)")
-        if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process_id={process_id} must be in [0, {num_processes})")
+    if check_processes(coordinator_address, num_processes, process_id):
         jax.distributed.initialize(coordinator_address=coordinator_address,
                                    num_processes=num_processes, process_id=process_id)
     elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
         jax.distributed.initialize()
+
+
+def check_processes(coordinator_address: str | None, num_processes: int | None,
+                    process_id: int | None) -> bool:
+    """Whether the multi-process flags are given; ValueError unless all or none are, in range."""
+    given = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+             "process_id": process_id}
+    if all(v is None for v in given.values()):
+        return False
+    if any(v is None for v in given.values()):
+        have = ", ".join(f"--{k}" for k, v in given.items() if v is not None)
+        raise ValueError("multi-process runs need all of --coordinator_address, --num_processes "
+                         f"and --process_id (or none, on a TPU pod); got only {have}")
+    flags.POSITIVE_INT.check("num_processes", num_processes)
+    flags.Rule(f"in [0, {num_processes})", lambda v: flags.is_int(v) and 0 <= v < num_processes
+               ).check("process_id", process_id)
+    host, _, port = str(coordinator_address).rpartition(":")
+    if not host or not (port.isdecimal() and 0 < int(port) < 65536):
+        raise ValueError(f"--coordinator_address={flags.show(coordinator_address)} must be "
+                         "HOST:PORT with a port in 1..65535")
+    return True
 
 
 def make_mesh(devices: Any = None) -> Mesh:
@@ -55,7 +72,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch_size(batch_size: int, num_devices: int) -> None:
     """The global batch must split evenly over the devices; say which sizes would."""
     n = num_devices
-    if batch_size < 1 or batch_size % n:
+    flags.POSITIVE_INT.check("batch_size", batch_size)
+    if batch_size % n:
         below, above = max(n, batch_size // n * n), (batch_size // n + 1) * n
         nearest = " or ".join(str(v) for v in sorted({below, above}))
         raise ValueError(f"--batch_size={batch_size} must be divisible by the number of devices "

@@ -15,6 +15,7 @@ import io
 import json
 import sys
 
+from cnnjax import flags
 from cnnjax.profile import Layer, Profile, profile
 
 HEADER = ("layer", "kind", "in_C", "in_HxW", "filters", "kernel", "stride", "pad", "out_C",
@@ -78,8 +79,8 @@ def render(prof: Profile, fmt: str = "table") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnnjax.summary", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = flags.ArgumentParser(prog="python -m cnnjax.summary", description=__doc__,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", required=True, help="a registered model name")
     parser.add_argument("--input_size", type=int, default=None,
                         help="input height and width (default: the size the model is quoted at)")
@@ -87,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from cnnjax.models.registry import model_spec
     try:
-        size = args.input_size or model_spec(args.arch).input_size
+        flags.optional(flags.POSITIVE_INT).check("input_size", args.input_size)
+        size = model_spec(args.arch).input_size if args.input_size is None else args.input_size
         text = render(profile(args.arch, size), args.format)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return flags.fail(e)
     print(text)
     return 0
 

@@ -23,13 +23,18 @@ import optax
 from flax import struct
 
 from cnnjax import checkpoint as ckpt
-from cnnjax import data, parallel
+from cnnjax import data, flags, parallel
+from cnnjax.data import sources
 from cnnjax.models.registry import create_model
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Every setting of a run; presets (experiments/configs) and flags override the defaults."""
+    """Every setting of a run; presets (experiments/configs) and flags override the defaults.
+
+    The defaults are the default preset's; its per-architecture rows (zero-initialised residual
+    branches, Adam for the networks without BatchNorm) come with
+    `TrainConfig(**experiments.configs.load("default", arch=...))`, as on the command line."""
     arch: str = "resnet18"
     dataset: str = "digits"
     data_dir: str | None = None
@@ -38,15 +43,17 @@ class TrainConfig:
     num_epochs: float = 10.0
     num_steps: int | None = None        # overrides num_epochs
     optimizer: str = "sgd"              # sgd (Nesterov momentum) | adamw
-    learning_rate: float = 0.1          # sgd: per 256 images (scaled by batch/256); adamw: as is
+    learning_rate: float = 0.2          # sgd: per 256 images (scaled by batch/256); adamw: as is
     momentum: float = 0.9
     weight_decay: float = 5e-4          # not applied to BatchNorm parameters and biases
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
     aux_loss_weight: float = 0.3        # GoogLeNet's auxiliary heads (Szegedy et al. 2015)
     dtype: str = "float32"              # compute dtype; bfloat16 keeps float32 params and loss
     model_overrides: dict = dataclasses.field(default_factory=dict)
+    bn_recalibration_batches: int = 4   # train batches whose BatchNorm statistics replace the
+                                        # running averages before each eval; 0 keeps the EMA
     seed: int = 0
     log_every: int = 10
     eval_every: int | None = None       # steps; default once per epoch
@@ -57,6 +64,59 @@ class TrainConfig:
         """What a resumed run must share with its checkpoint: state structure and data stream."""
         return {k: getattr(self, k) for k in ("arch", "dataset", "image_size", "batch_size",
                                               "optimizer", "seed", "model_overrides")}
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad setting as `--name=value` and what it must be.
+
+        It only reads (the registry, the dataset table, the file system): nothing is prepared,
+        built on a device or written. Divisibility of the batch by the devices is build's check.
+        """
+        flags.check(vars(self), _RULES)
+        if sources.parse_synthetic(self.dataset) is None:
+            sources.get_spec(self.dataset)
+        taken = sorted(set(self.model_overrides) & {"name", "num_classes", "in_channels", "dtype"})
+        if taken:
+            raise ValueError(f"--model_overrides={flags.show(self.model_overrides)} cannot set "
+                             f"{', '.join(taken)}: num_classes and in_channels follow --dataset, "
+                             "dtype is --dtype")
+        model = create_model(self.arch, **self.model_overrides)  # unknown arch or option: raises
+        if self.image_size is not None:
+            check_image_size(self.image_size, model)
+        if self.data_dir is not None:
+            flags.check_directory("data_dir", self.data_dir,
+                                  sources.default_data_dir(self.data_dir))
+        flags.check_directory("workdir", default_workdir(self) if self.workdir is None
+                              else self.workdir)
+
+
+_RULES: dict[str, flags.Rule] = {  # TrainConfig.validate's per-field checks
+    "arch": flags.TEXT, "dataset": flags.TEXT,
+    "image_size": flags.optional(flags.POSITIVE_INT), "batch_size": flags.POSITIVE_INT,
+    "num_epochs": flags.POSITIVE, "num_steps": flags.optional(flags.POSITIVE_INT),
+    "optimizer": flags.one_of("sgd", "adamw"), "learning_rate": flags.POSITIVE,
+    "momentum": flags.FRACTION, "weight_decay": flags.NON_NEGATIVE,
+    "warmup_epochs": flags.NON_NEGATIVE, "label_smoothing": flags.FRACTION,
+    "grad_clip_norm": flags.optional(flags.POSITIVE), "aux_loss_weight": flags.NON_NEGATIVE,
+    "dtype": flags.one_of("float32", "bfloat16"), "model_overrides": flags.JSON_OBJECT,
+    "seed": flags.UINT32, "log_every": flags.POSITIVE_INT,
+    "bn_recalibration_batches": flags.NON_NEGATIVE_INT,
+    "eval_every": flags.optional(flags.POSITIVE_INT),
+    "checkpoint_every": flags.optional(flags.POSITIVE_INT),
+}
+
+
+def min_image_size(model: nn.Module) -> int:
+    """The smallest H = W `model` trains on (GoogLeNet's auxiliary heads can need more)."""
+    aux = model.aux_min_input_size if getattr(model, "aux_logits", False) else 1
+    return max(model.min_input_size, aux)
+
+
+def check_image_size(size: int, model: nn.Module) -> None:
+    need = min_image_size(model)
+    what = model.arch + (" with aux_logits" if need > model.min_input_size else "")
+    if size < need:
+        raise ValueError(f"--image_size={size} is too small for {what}: it needs at least "
+                         f"{need}x{need} pixels")
 
 
 class TrainState(struct.PyTreeNode):
@@ -159,6 +219,14 @@ class MetricWriter:
                 self.tb.add_scalar(k, v, record["step"])
         self.tb.flush()
 
+    def history(self, upto: int) -> list[dict[str, Any]]:
+        """The records of steps <= `upto` already in metrics.jsonl (a resumed run's past)."""
+        if not self.path.exists() or upto <= 0:
+            return []
+        with open(self.path) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        return [r for r in records if r.get("step", 0) <= upto]
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
@@ -167,18 +235,20 @@ class MetricWriter:
 class Progress:
     """One status line (steps, loss, images/s, ETA), redrawn in place on a terminal."""
 
-    def __init__(self, total: int, enabled: bool, stream=sys.stderr):
+    def __init__(self, total: int, enabled: bool, stream=None):
+        stream = sys.stderr if stream is None else stream  # looked up now: it may be redirected
         self.total, self.enabled, self.stream = total, enabled, stream
         self.tty = stream.isatty()
 
-    def update(self, step: int, loss: float, img_per_s: float, seconds_per_step: float) -> None:
+    def update(self, step: int, loss: float, img_per_s: float, seconds_per_step: float,
+               flag: str = "") -> None:
         if not self.enabled:
             return
         eta = time.strftime("%H:%M:%S", time.gmtime(max(self.total - step, 0) * seconds_per_step))
         width = 24
         done = int(width * step / max(self.total, 1))
         line = (f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total}  loss {loss:.4f}"
-                f"  {img_per_s:,.0f} img/s  ETA {eta}")
+                f"  {img_per_s:,.0f} img/s  ETA {eta}" + (f"  {flag}" if flag else ""))
         self.stream.write(("\r" + line) if self.tty else line + "\n")
         self.stream.flush()
 
@@ -188,30 +258,63 @@ class Progress:
             self.stream.flush()
 
 
+class BlowUpMonitor:
+    """Flags a loss that jumps by an order of magnitude, so a diverging run cannot pass silently.
+
+    A training or eval loss is a blow-up when it is not finite, or when it exceeds 10x the
+    lowest loss of its kind seen so far and also exceeds chance level, ln(num_classes): with
+    10 classes, a run whose best eval loss was 0.2 is flagged above 2.30, and a first eval
+    above 23. Small noisy jumps below chance (0.01 -> 0.15 on one batch) are not flagged.
+    """
+    FACTOR = 10.0
+
+    def __init__(self, num_classes: int):
+        self.chance = math.log(max(num_classes, 2))
+        self.best = {"train": math.inf, "eval": math.inf}
+        self.events: list[dict[str, Any]] = []
+
+    def check(self, kind: str, step: int, loss: float) -> str:
+        """Records `loss`; returns a short warning when it is a blow-up, else ''."""
+        ref = min(self.best[kind], self.chance)
+        threshold = max(self.FACTOR * ref, self.chance)
+        self.best[kind] = min(self.best[kind], loss) if math.isfinite(loss) else self.best[kind]
+        if math.isfinite(loss) and loss <= threshold:
+            return ""
+        self.events.append({"step": step, "kind": kind, "loss": loss, "threshold": threshold})
+        return f"BLOW-UP: {kind} loss {loss:,.4g} > {threshold:.3g}"
+
+    def summary(self) -> str:
+        if not self.events:
+            return ""
+        where = ", ".join(f"{e['kind']} {e['loss']:,.4g} at step {e['step']}"
+                          for e in self.events[:6])
+        more = f" and {len(self.events) - 6} more" if len(self.events) > 6 else ""
+        return (f"warning: the loss blew up {len(self.events)} time(s) (>10x its best and above "
+                f"chance, ln {math.exp(self.chance):.0f} = {self.chance:.2f}): {where}{more}")
+
+
 def default_workdir(config: TrainConfig) -> str:
     return str(pathlib.Path("runs") / f"{config.arch}-{config.dataset}")
 
 
 def build(config: TrainConfig, mesh: jax.sharding.Mesh):
     """Model, data loaders, optimizer and step functions for `config` (validated)."""
+    config.validate()
     parallel.check_batch_size(config.batch_size, mesh.size)
-    if config.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"--dtype must be float32 or bfloat16; got {config.dtype!r}")
     info = data.dataset_info(config.dataset, data_dir=config.data_dir)
     model = create_model(config.arch, num_classes=info.num_classes, dtype=jnp.dtype(config.dtype),
                          in_channels=info.channels, **config.model_overrides)
     if config.image_size is None:
-        config.image_size = data.default_image_size(info, model.min_input_size)
-    if config.image_size < model.min_input_size:
-        raise ValueError(f"--image_size={config.image_size} is too small for {config.arch}: it "
-                         f"needs at least {model.min_input_size}x{model.min_input_size} pixels")
+        config.image_size = data.default_image_size(info, min_image_size(model))
+    check_image_size(config.image_size, model)
     loader_kw = dict(data_dir=config.data_dir, image_size=config.image_size,
                      global_batch_size=config.batch_size, seed=config.seed,
                      process_index=jax.process_index(), process_count=jax.process_count())
     train_data = data.Loader(config.dataset, "train", train=True, **loader_kw)
     eval_data = data.Loader(config.dataset, "test", train=False, **loader_kw)
     spe = train_data.steps_per_epoch
-    total = config.num_steps or max(1, math.ceil(config.num_epochs * spe))
+    total = (config.num_steps if config.num_steps is not None
+             else max(1, math.ceil(config.num_epochs * spe)))
     schedule = learning_rate_schedule(config, spe, total)
     tx = make_optimizer(config, schedule)
     train_step, eval_step = make_steps(model, tx, config, schedule)
@@ -232,6 +335,61 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, config: Train
                           rng=jax.random.key_data(state_rng))
 
     return jax.jit(init, static_argnums=0, out_shardings=parallel.replicated(mesh))(config.seed)
+
+
+_MOMENTS = "batch_moments"
+
+
+def _sow_batch_moments(next_fun, args, kwargs, context):
+    """A flax method interceptor: every BatchNorm that normalises with batch statistics sows
+    the mean and variance it computes (float32, two-pass, over every axis but the features)."""
+    bn = context.module
+    if (isinstance(bn, nn.BatchNorm) and context.method_name == "__call__"
+            and not nn.merge_param("use_running_average", bn.use_running_average,
+                                   kwargs.get("use_running_average"))):
+        x = jnp.asarray(args[0], jnp.promote_types(args[0].dtype, jnp.float32))
+        features = {a % x.ndim for a in ((bn.axis,) if isinstance(bn.axis, int) else bn.axis)}
+        axes = tuple(a for a in range(x.ndim) if a not in features)
+        mean = x.mean(axes, keepdims=True)
+        bn.sow(_MOMENTS, "mean", mean.squeeze(axes))
+        bn.sow(_MOMENTS, "var", jnp.square(x - mean).mean(axes))
+    return next_fun(*args, **kwargs)
+
+
+def make_moments_step(model: nn.Module) -> Callable:
+    """(state, batch) -> the BatchNorm statistics of this batch under state.params, in the
+    layout of state.batch_stats: what train mode normalises with, whatever the BN momentum."""
+    def moments_step(state: TrainState, batch: dict) -> Any:
+        with nn.intercept_methods(_sow_batch_moments):
+            _, cols = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                                  batch["image"], train=True, mutable=["batch_stats", _MOMENTS],
+                                  rngs={"dropout": jax.random.key(0)})
+        return jax.tree_util.tree_map(lambda sown: sown[0], cols[_MOMENTS],
+                                      is_leaf=lambda v: isinstance(v, tuple))
+    return moments_step
+
+
+def recalibrate_batch_norm(state: TrainState, moments_step: Callable, batches) -> TrainState:
+    """Population statistics as PreciseBN computes them (Wu & Johnson 2021, "Rethinking 'Batch'
+    in BatchNorm"): the mean over `batches` of each batch's mean and variance under the current
+    weights, in place of the running averages.
+
+    The exponential running average lags while the weights move fast: early in training each
+    layer's eval-mode output here was 1.5x too large in scale, which compounds over ResNet-18's
+    20 BatchNorms into logits of 10^4 and eval losses in the thousands; and with the TensorFlow
+    momenta that torchvision keeps for MnasNet (0.9997) and MobileNetV3 (0.99), a run of a few
+    hundred steps still holds most of the initial mean 0 / variance 1.
+    """
+    if not state.batch_stats:
+        return state
+    total, count = None, 0
+    for batch in batches:
+        m = moments_step(state, batch)
+        total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
+        count += 1
+    if total is None:
+        return state
+    return state.replace(batch_stats=jax.tree_util.tree_map(lambda t: t / count, total))
 
 
 def evaluate(state: TrainState, eval_step: Callable, eval_data, mesh) -> dict[str, float]:
@@ -267,6 +425,7 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     `stop_after` ends this call after that many steps with a checkpoint (a session with a time
     limit); calling again with the same config continues. Ctrl-C also checkpoints before exiting.
     """
+    config.validate()  # before any JAX work, dataset preparation or write
     mesh = parallel.make_mesh()
     info, model, train_data, eval_data, total, tx, train_step, eval_step = build(config, mesh)
     config.workdir = config.workdir or default_workdir(config)
@@ -299,6 +458,15 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     p_train = jax.jit(train_step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
                       donate_argnums=0)
     p_eval = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+    p_moments = jax.jit(make_moments_step(model), in_shardings=(repl, batch_sh),
+                        out_shardings=repl)
+
+    def recalibrate(done: int) -> TrainState:
+        """Fresh BatchNorm statistics from the next training batches (a pure function of the
+        step, so a resumed run recalibrates exactly as an unbroken one)."""
+        n = config.bn_recalibration_batches
+        batches = (parallel.global_batch(train_data.batch(done + i), mesh) for i in range(n))
+        return recalibrate_batch_norm(state, p_moments, batches)
 
     def save(step: int) -> None:
         checkpoints.save(step, state, {"identity": config.identity(),
@@ -310,25 +478,51 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
 
     t_start = time.perf_counter()
     clock = {"t": t_start, "step": start}
+    train_time = {"s": 0.0, "images": 0}  # steady-state stepping only: no compile, eval, saves
     eval_metrics: dict[str, float] = {}
+    monitor = BlowUpMonitor(info.num_classes)
+    past = writer.history(upto=start)  # a resumed run keeps the losses it has seen
+    for record in past:
+        for kind, key in (("train", "loss"), ("eval", "eval_loss")):
+            if key in record:
+                monitor.check(kind, record["step"], record[key])
+    max_eval_loss = max((r["eval_loss"] for r in past if "eval_loss" in r), default=-math.inf)
 
     def periodic(done: int, metrics: dict) -> None:
-        nonlocal eval_metrics
+        nonlocal state, eval_metrics, max_eval_loss
         if done % config.log_every == 0 or done == total:
             metrics = parallel.to_host(metrics)
             now = time.perf_counter()
             dt, steps = max(now - clock["t"], 1e-9), max(done - clock["step"], 1)
             img_per_s = steps * config.batch_size / dt
-            writer.write({"step": done, "loss": float(metrics["loss"]),
-                          "lr": float(metrics["lr"]), "img_per_s": img_per_s})
-            progress.update(done, float(metrics["loss"]), img_per_s, dt / steps)
+            if clock["step"] > start:  # the window after the first (compiling) step
+                train_time["s"] += dt
+                train_time["images"] += steps * config.batch_size
+            loss = float(metrics["loss"])
+            flag = monitor.check("train", done, loss)
+            writer.write({"step": done, "loss": loss, "lr": float(metrics["lr"]),
+                          "img_per_s": img_per_s})
+            if flag:
+                writer.write({"step": done, "blowup_train_loss": loss})
+            progress.update(done, loss, img_per_s, dt / steps, flag)
             clock.update(t=now, step=done)
-        if done % eval_every == 0 or done == total:
+        evaluating = done % eval_every == 0 or done == total
+        if evaluating or done % checkpoint_every == 0:
+            jax.block_until_ready(state)  # the steps in flight are training time, not the pause
+        paused = time.perf_counter()
+        if evaluating:
+            state = recalibrate(done)
             eval_metrics = evaluate(state, p_eval, eval_data, mesh)
             writer.write({"step": done, **{k: eval_metrics[k] for k in
                                            ("eval_loss", "eval_top1", "eval_top5")}})
+            max_eval_loss = max(max_eval_loss, eval_metrics["eval_loss"])
+            flag = monitor.check("eval", done, eval_metrics["eval_loss"])
+            if flag:
+                writer.write({"step": done, "blowup_eval_loss": eval_metrics["eval_loss"]})
+                progress.message(f"step {done}: {flag} (top-1 {eval_metrics['eval_top1']:.2%})")
         if done % checkpoint_every == 0 or done == total:
             save(done)
+        clock["t"] += time.perf_counter() - paused  # evals and saves are not training time
 
     end = total if stop_after is None else min(total, start + stop_after)
     done = start
@@ -360,7 +554,12 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     if start >= total:  # nothing left to train: report the finished run
         eval_metrics = evaluate(state, p_eval, eval_data, mesh)
     summary = {"arch": config.arch, "dataset": config.dataset, "steps": total,
-               "wall_s": time.perf_counter() - t_start, **eval_metrics}
+               "wall_s": time.perf_counter() - t_start, **eval_metrics,
+               "max_eval_loss": max(max_eval_loss, eval_metrics["eval_loss"]),
+               "img_per_s": (train_time["images"] / train_time["s"]) if train_time["s"] else None,
+               "blowups": monitor.events}
+    if monitor.events:
+        progress.message(monitor.summary())
     progress.message(
         f"done: {config.arch} step {total}: eval top-1 {summary.get('eval_top1', 0):.2%}, "
         f"top-5 {summary.get('eval_top5', 0):.2%}, loss {summary.get('eval_loss', 0):.4f} "

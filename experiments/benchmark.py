@@ -18,10 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cnnjax import flags
+
+RULES = {name: flags.POSITIVE_INT for name in ("batch_size", "image_size", "num_classes", "steps")}
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", required=True)
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--image_size", type=int, default=224)
@@ -36,13 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     from cnnjax.models.registry import create_model
     overrides = {"memory_efficient": True} if args.memory_efficient else {}
     try:
+        flags.check(vars(args), RULES)
         model = create_model(args.arch, num_classes=args.num_classes,
                              dtype=jnp.dtype(args.dtype), **overrides)
+        train.check_image_size(args.image_size, model)
         mesh = parallel.make_mesh()
         parallel.check_batch_size(args.batch_size, mesh.size)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return flags.fail(e)
     config = train.TrainConfig(arch=args.arch, image_size=args.image_size,
                                batch_size=args.batch_size, dtype=args.dtype)
     schedule = train.learning_rate_schedule(config, 100, 1000)

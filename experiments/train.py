@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 
+from cnnjax import flags
 from experiments import configs
 
 
 def _parser() -> argparse.ArgumentParser:
     from cnnjax.train import TrainConfig
-    p = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = flags.ArgumentParser(prog="python -m experiments.train", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="default", help=f"preset: {', '.join(configs.names())}")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
         if f.name == "model_overrides":
-            p.add_argument("--model_overrides", type=json.loads, default=None,
+            p.add_argument("--model_overrides", type=flags.json_object, default=None,
                            help='JSON of create_model options, e.g. \'{"zero_init_residual": true}\'')
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
@@ -40,24 +40,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def make_config(args: argparse.Namespace):
-    """Defaults < the preset < the flags given on the command line."""
+    """Defaults < the preset (with its per-arch rows for the arch) < the flags given on the
+    command line; a --model_overrides flag is merged into the preset's, key by key."""
     from cnnjax.train import TrainConfig
-    values = configs.load(args.config)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-    return TrainConfig(**values)
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return TrainConfig(**configs.merge(configs.load(args.config, given.get("arch")), given))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(argv)  # argparse's errors: one line, exit status 2
     from cnnjax import parallel
+    from cnnjax.train import train_and_evaluate
     try:
+        config = make_config(args)
+        config.validate()  # every flag, before any JAX call, data preparation or write
         parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        from cnnjax.train import train_and_evaluate
-        train_and_evaluate(make_config(args), verbose=not args.quiet)
+        train_and_evaluate(config, verbose=not args.quiet)
     except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return flags.fail(e)
     return 0
 
 

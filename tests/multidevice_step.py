@@ -19,6 +19,7 @@ def run(mesh, config):
     config = dataclasses.replace(config)
     info, model, train_data, _, _, tx, train_step, _ = train.build(config, mesh)
     state = train.init_state(model, tx, config, info.channels, mesh)
+    initial = parallel.to_host(state.params)
     step = jax.jit(train_step, in_shardings=(parallel.replicated(mesh),
                                              parallel.batch_sharding(mesh)),
                    out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)))
@@ -26,15 +27,16 @@ def run(mesh, config):
     for k in range(2):
         state, metrics = step(state, parallel.global_batch(train_data.batch(k), mesh))
         losses.append(float(parallel.to_host(metrics)["loss"]))
-    return state, losses
+    return state, losses, initial
 
 
 def main():
     config = train.TrainConfig(arch="resnet18", dataset="digits", data_dir=sys.argv[2],
-                               batch_size=16, num_steps=2, learning_rate=0.4)
+                               batch_size=16, num_steps=2, learning_rate=0.4,
+                               warmup_epochs=1.0)  # 2 steps: lr 0 at step 0, the peak at step 1
     many, one = parallel.make_mesh(), parallel.make_mesh(jax.devices()[:1])
-    state_n, loss_n = run(many, config)
-    state_1, loss_1 = run(one, config)
+    state_n, loss_n, _ = run(many, config)
+    state_1, loss_1, initial = run(one, config)
     diff = lambda a, b: max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
                             for x, y in zip(jax.tree_util.tree_leaves(parallel.to_host(a)),
                                             jax.tree_util.tree_leaves(parallel.to_host(b))))
@@ -47,6 +49,11 @@ def main():
                       "params_diff": diff(state_n.params, state_1.params),
                       "batch_stats_diff": diff(state_n.batch_stats, state_1.batch_stats),
                       "bn_identical_on_devices": same_on_devices,
+                      # the scales of what was summed: the largest update, the largest statistic
+                      "step_max": diff(state_1.params, initial),
+                      "stats_max": max(float(np.max(np.abs(np.asarray(x)))) for x in
+                                       jax.tree_util.tree_leaves(parallel.to_host(
+                                           state_1.batch_stats))),
                       "shards": len(jax.tree_util.tree_leaves(state_n.batch_stats)[0]
                                     .addressable_shards)}))
 
