@@ -98,8 +98,6 @@ def ordered(results: list[dict], plan: list[tuple[str, int]]) -> list[dict]:
 
 def render(results: list[dict]) -> str:
     """The README table: one row per run, machine and versions in the header."""
-    if not results:
-        return "(no zoo results yet: run python -m experiments.zoo)"
     measured = [r for r in results if not r.get("missing")]
     if not measured:
         return "(no zoo results yet: run python -m experiments.zoo)"

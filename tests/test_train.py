@@ -172,13 +172,18 @@ def test_eval_counts_every_test_example_once(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_default_recipe_learns_the_digits(data_dir, tmp_path):
-    """A short run of the default preset reaches far above chance (10%)."""
-    code, err = cli("--arch=resnet18", f"--data_dir={data_dir}", f"--workdir={tmp_path}",
-                    "--num_epochs=3", "--quiet")
-    assert code == 0, err
+@pytest.mark.parametrize("seed, devices", [(0, 1), (1, 1), (2, 8)])
+def test_the_readme_command_learns_the_digits(data_dir, tmp_path, seed, devices):
+    """`python -m experiments.train --arch=resnet18` as the README gives it (10 epochs), in a
+    fresh process, for two seeds on one device and once on 8 (the same recipe sharded)."""
+    out = subprocess.run([sys.executable, "-m", "experiments.train", "--arch=resnet18",
+                          f"--seed={seed}", f"--data_dir={data_dir}", f"--workdir={tmp_path}",
+                          "--quiet"], cwd=ROOT, env=env(devices), capture_output=True,
+                         text=True, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["eval_top1"] > 0.8, summary
+    assert summary["steps"] == 220 and summary["eval_count"] == 360
+    assert summary["eval_top1"] >= 0.9, summary
 
 
 @pytest.mark.parametrize("args, message", [
