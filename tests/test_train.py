@@ -272,6 +272,8 @@ def test_the_default_preset_has_per_family_rows_that_flags_still_override():
         c = make(f"--arch={arch}")
         assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adamw", 5e-4, 0.05), arch
     assert make("--arch=googlenet").optimizer == "sgd"
+    assert make("--arch=shufflenet_v2_x1_0").num_epochs == 20 == make("--arch=shufflenet_v1_g3").num_epochs
+    assert make("--arch=shufflenet_v2_x1_0", "--num_epochs=3").num_epochs == 3
     c = make("--arch=resnet18", '--model_overrides={"se_reduction": 16}')  # merged, not replaced
     assert c.model_overrides == {"zero_init_residual": True, "se_reduction": 16}
     c = make("--arch=resnet18", '--model_overrides={"zero_init_residual": false}')
