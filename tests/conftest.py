@@ -3,6 +3,8 @@ import csv
 import os
 import pathlib
 
+import pytest
+
 os.environ.setdefault("KERAS_HOME", "/tmp/cnnjax-test-keras")  # importing TF writes keras.json
 
 REFERENCE = pathlib.Path(__file__).parent / "reference"
@@ -11,3 +13,12 @@ REFERENCE = pathlib.Path(__file__).parent / "reference"
 def read_csv(name: str) -> list[dict[str, str]]:
     with open(REFERENCE / name, newline="") as f:
         return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """The embedded digits, prepared once for the whole session."""
+    from cnnjax import data
+    d = tmp_path_factory.mktemp("tfds")
+    data.dataset_info("digits", data_dir=str(d))
+    return str(d)

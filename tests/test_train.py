@@ -20,14 +20,6 @@ from experiments import train as train_cli
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    """The embedded digits, prepared once for the whole session."""
-    d = tmp_path_factory.mktemp("tfds")
-    data.dataset_info("digits", data_dir=str(d))
-    return str(d)
-
-
 def env(devices: int) -> dict:
     e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"))
@@ -172,10 +164,11 @@ def test_eval_counts_every_test_example_once(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, devices", [(0, 1), (1, 1), (2, 8)])
+@pytest.mark.parametrize("seed, devices", [(0, 1), (1, 8)])
 def test_the_readme_command_learns_the_digits(data_dir, tmp_path, seed, devices):
     """`python -m experiments.train --arch=resnet18` as the README gives it (10 epochs), in a
-    fresh process, for two seeds on one device and once on 8 (the same recipe sharded)."""
+    fresh process, for two seeds: one on one device, one on 8 (the same recipe sharded). More
+    seeds and architectures are measured by `python -m experiments.zoo`, not here."""
     out = subprocess.run([sys.executable, "-m", "experiments.train", "--arch=resnet18",
                           f"--seed={seed}", f"--data_dir={data_dir}", f"--workdir={tmp_path}",
                           "--quiet"], cwd=ROOT, env=env(devices), capture_output=True,
@@ -375,7 +368,8 @@ def test_a_healthy_run_reports_no_blowups_and_its_throughput(data_dir, tmp_path)
 @pytest.mark.parametrize("arch, overrides", [
     ("resnet18", {}),
     ("mnasnet0_5", {"dropout_rate": 0.0}),                 # BN momentum 0.9997 (TensorFlow's)
-    ("densenet121", {"memory_efficient": True}),           # BNs inside rematerialised blocks
+    # BNs inside rematerialised blocks; two short dense blocks keep the compile cheap
+    ("densenet121", {"memory_efficient": True, "block_config": (2, 2)}),
     ("googlenet", {"aux_logits": True, "dropout_rate": 0.0}),
 ])
 def test_recalibrated_batch_norm_holds_exactly_the_batch_statistics(arch, overrides):
