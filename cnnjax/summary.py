@@ -2,10 +2,13 @@
 
     python -m cnnjax.summary --arch=alexnet --input_size=227
     python -m cnnjax.summary --arch=resnet50 --format=markdown
+    python -m cnnjax.summary --arch=alexnet --input_size=227 --plot=alexnet.png  # also the bars
 
 Columns: layer, kind, input C and HxW, filters, kernel, stride, pad, output C and HxW, memory
 (KB of output activations at batch 1), params (thousands) and MFLOP, where, as in the lecture and
-torchvision, one FLOP is one multiply-add.
+torchvision, one FLOP is one multiply-add. `--plot` also draws the three columns memory, params
+and MFLOP as per-layer bars (`cnnjax.plots.layer_bars`); `--plot_depth=1` sums each top-level
+block (a ResNet bottleneck, an Inception module) into one bar, for nets of hundreds of layers.
 """
 from __future__ import annotations
 
@@ -85,15 +88,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input_size", type=int, default=None,
                         help="input height and width (default: the size the model is quoted at)")
     parser.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table")
+    parser.add_argument("--plot", default=None, metavar="PATH",
+                        help="also draw per-layer bars of memory, params and MACs to PATH")
+    parser.add_argument("--plot_depth", type=int, default=None,
+                        help="sum the bars of each block of this many name levels (1: blocks)")
     args = parser.parse_args(argv)
     from cnnjax.models.registry import model_spec
     try:
         flags.optional(flags.POSITIVE_INT).check("input_size", args.input_size)
+        flags.optional(flags.POSITIVE_INT).check("plot_depth", args.plot_depth)
+        if args.plot is not None:
+            from cnnjax import plots
+            plots.check_path("plot", args.plot)
         size = model_spec(args.arch).input_size if args.input_size is None else args.input_size
-        text = render(profile(args.arch, size), args.format)
+        prof = profile(args.arch, size)
+        text = render(prof, args.format)
     except ValueError as e:
         return flags.fail(e)
     print(text)
+    if args.plot is not None:
+        plots.layer_bars(prof, args.plot, depth=args.plot_depth)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

@@ -2,16 +2,9 @@
 import pathlib
 import re
 
-from experiments import complexity
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-
-
-def test_model_table_is_the_generated_one():
-    table = README.split(complexity.START)[1].split(complexity.END)[0].strip()
-    assert table == complexity.model_table(), (
-        "README model table is stale: run python -m experiments.complexity --update_readme")
 
 
 def test_ci_runs_the_readme_test_command():
