@@ -8,6 +8,7 @@ stream) and the data position. The data position is the step: batch k is a pure 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from typing import Any
 
@@ -87,6 +88,16 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def saved_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of the finished checkpoints under WORKDIR/checkpoints, from the file system
+    alone (nothing is created, unlike `Checkpointer`): for checks before any JAX work. Orbax
+    names a finished step's folder by the step; a save in progress has a temporary name."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdecimal() and p.is_dir())
 
 
 def abstract_like(tree: Any) -> Any:

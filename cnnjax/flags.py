@@ -73,6 +73,7 @@ NON_NEGATIVE_INT = Rule("an integer >= 0", lambda v: is_int(v) and v >= 0)
 NON_NEGATIVE = Rule("a finite number >= 0", lambda v: is_finite(v) and v >= 0)
 FRACTION = Rule("a number in [0, 1)", lambda v: is_finite(v) and 0 <= v < 1)
 UINT32 = Rule("an integer in [0, 2**32)", lambda v: is_int(v) and 0 <= v < 2**32)
+PATH = Rule("a non-empty path", lambda v: isinstance(v, (str, os.PathLike)) and bool(os.fspath(v)))
 JSON_OBJECT = Rule("a JSON object such as '{\"zero_init_residual\": true}'",
                    lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v))
 
@@ -117,3 +118,12 @@ def check_directory(name: str, value: Any, path: str | os.PathLike | None = None
     if not os.path.isdir(p):
         what = "it is" if p == target else f"{p} is"
         raise ValueError(f"--{name}={show(value)} must be a directory, but {what} a file")
+
+
+def check_existing_directory(name: str, value: Any, what: str) -> None:
+    """`--name=value` must be a directory that exists; `what` says what it should hold."""
+    PATH.check(name, value)
+    if not os.path.exists(value):
+        raise ValueError(f"--{name}={show(value)} does not exist; it must be {what}")
+    if not os.path.isdir(value):
+        raise ValueError(f"--{name}={show(value)} is a file; it must be {what}")

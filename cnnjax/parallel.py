@@ -95,6 +95,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         tree)
 
 
+def place_like(value: Any, like: jax.Array) -> jax.Array:
+    """A host value (identical on every process) as an array with `like`'s dtype and sharding."""
+    host = np.asarray(value, like.dtype)
+    if host.shape != like.shape:
+        raise ValueError(f"cannot place an array of shape {host.shape} as one of {like.shape}")
+    return jax.make_array_from_callback(host.shape, like.sharding, lambda index: host[index])
+
+
 def to_host(tree: Any) -> Any:
     """Fetches replicated arrays to numpy (works when they span other processes' devices)."""
     return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0))

@@ -3,13 +3,15 @@
 One code path from a 2-core laptop to a TPU pod: the global batch is sharded over every device
 of every process (cnnjax.parallel), the state is replicated, and batch k is the same rows and
 augmentations whatever the topology, so results do not depend on it. Runs resume from their
-workdir's latest checkpoint (params, optimizer state, batch stats, step, RNG, data position).
+workdir's latest checkpoint (params, optimizer state, batch stats, step, RNG, data position); a
+fresh run can start from the layers of another run that fit (`init_from`, cnnjax.transfer).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import sys
 import time
@@ -18,12 +20,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import struct
 
 from cnnjax import checkpoint as ckpt
-from cnnjax import data, flags, parallel
+from cnnjax import data, flags, parallel, transfer
 from cnnjax.data import sources
 from cnnjax.models.registry import create_model
 
@@ -59,9 +60,15 @@ class TrainConfig:
     eval_every: int | None = None       # steps; default once per epoch
     checkpoint_every: int | None = None # steps; default once per epoch
     workdir: str | None = None          # default runs/ARCH-DATASET
+    init_from: str | None = None        # an earlier run's workdir: a fresh run starts from the
+                                        # layers of its latest checkpoint that fit (cnnjax.transfer)
 
     def identity(self) -> dict[str, Any]:
-        """What a resumed run must share with its checkpoint: state structure and data stream."""
+        """What a resumed run must share with its checkpoint: state structure and data stream.
+
+        Not init_from: it only says how step 0 was made, and a resumed run continues from its
+        own checkpoint (train_and_evaluate refuses to resume a run started from another source
+        when --init_from names one)."""
         return {k: getattr(self, k) for k in ("arch", "dataset", "image_size", "batch_size",
                                               "optimizer", "seed", "model_overrides")}
 
@@ -85,6 +92,8 @@ class TrainConfig:
         if self.data_dir is not None:
             flags.check_directory("data_dir", self.data_dir,
                                   sources.default_data_dir(self.data_dir))
+        if self.init_from is not None:
+            check_init_from(self.init_from, self.workdir)
         flags.check_directory("workdir", default_workdir(self) if self.workdir is None
                               else self.workdir)
 
@@ -102,7 +111,20 @@ _RULES: dict[str, flags.Rule] = {  # TrainConfig.validate's per-field checks
     "bn_recalibration_batches": flags.NON_NEGATIVE_INT,
     "eval_every": flags.optional(flags.POSITIVE_INT),
     "checkpoint_every": flags.optional(flags.POSITIVE_INT),
+    "init_from": flags.optional(flags.PATH),  # then check_init_from
 }
+
+
+def check_init_from(init_from: str | os.PathLike, workdir: str | os.PathLike | None) -> None:
+    """--init_from must be an earlier run's workdir with a checkpoint, not this run's own."""
+    what = "the workdir of an earlier run, whose latest checkpoint is read"
+    flags.check_existing_directory("init_from", init_from, what)
+    if not ckpt.saved_steps(init_from):
+        raise ValueError(f"--init_from={flags.show(init_from)} holds no checkpoint (no "
+                         f"{os.path.join(init_from, 'checkpoints', 'STEP')}); it must be {what}")
+    if workdir is not None and os.path.realpath(init_from) == os.path.realpath(workdir):
+        raise ValueError(f"--init_from={flags.show(init_from)} is this run's own --workdir; "
+                         "leave --init_from out to resume that run")
 
 
 def min_image_size(model: nn.Module) -> int:
@@ -294,7 +316,12 @@ class BlowUpMonitor:
 
 
 def default_workdir(config: TrainConfig) -> str:
-    return str(pathlib.Path("runs") / f"{config.arch}-{config.dataset}")
+    """runs/ARCH-DATASET, and -from-RUN for a run started from another (so it cannot land in,
+    and resume, the from-scratch run of the same arch)."""
+    name = f"{config.arch}-{config.dataset}"
+    if config.init_from is not None:
+        name += "-from-" + pathlib.Path(config.init_from).resolve().name
+    return str(pathlib.Path("runs") / name)
 
 
 def build(config: TrainConfig, mesh: jax.sharding.Mesh):
@@ -335,6 +362,42 @@ def init_state(model: nn.Module, tx: optax.GradientTransformation, config: Train
                           rng=jax.random.key_data(state_rng))
 
     return jax.jit(init, static_argnums=0, out_shardings=parallel.replicated(mesh))(config.seed)
+
+
+def start_from(state: TrainState, config: TrainConfig) -> tuple[TrainState, dict, str]:
+    """A fresh `state` with the layers of run `config.init_from` that fit copied in, on the
+    state's shardings: VGG deepening from vgg11 to a deeper VGG, name and shape otherwise (see
+    cnnjax.transfer). The optimizer state, step and RNG stay fresh.
+
+    Returns the state, what was copied (JSON, kept in the checkpoints and summary.json) and the
+    line the run prints. ValueError, naming --init_from, when nothing fits."""
+    _, source, record = load_checkpoint(config.init_from)
+    source_arch = record["config"]["arch"]
+    target = {"params": state.params, "batch_stats": state.batch_stats}
+    try:
+        variables, report = transfer.init_from(target, source, source_arch=source_arch,
+                                               target_arch=config.arch)
+    except ValueError as e:
+        raise ValueError(f"--init_from={flags.show(config.init_from)}: {e}") from None
+    started = {"run": str(pathlib.Path(config.init_from).resolve()), "arch": source_arch,
+               "step": int(record["data_position"]["step"]), **report.to_json()}
+    state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
+    return state, started, report.summary(f"{config.init_from} ({source_arch}, step "
+                                          f"{started['step']})")
+
+
+def check_started_from(record: dict | None, config: TrainConfig, workdir: pathlib.Path) -> None:
+    """A run asked to start from --init_from=RUN must not silently resume one started otherwise
+    (a from-scratch run in the same workdir would stand in for the measurement)."""
+    if config.init_from is None or record is None:
+        return
+    theirs = (record.get("init_from") or {}).get("run")
+    if theirs != str(pathlib.Path(config.init_from).resolve()):
+        how = f"from {theirs}" if theirs else "from scratch"
+        raise ckpt.CheckpointMismatch(
+            f"{workdir} holds a run started {how}, not from --init_from="
+            f"{flags.show(config.init_from)}. Use another --workdir, or leave --init_from out "
+            "to resume it; nothing was overwritten.")
 
 
 _MOMENTS = "batch_moments"
@@ -426,6 +489,8 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     limit); calling again with the same config continues. Ctrl-C also checkpoints before exiting.
     """
     config.validate()  # before any JAX work, dataset preparation or write
+    if config.init_from is not None:
+        config.init_from = os.fspath(config.init_from)  # config.json holds it as text
     mesh = parallel.make_mesh()
     info, model, train_data, eval_data, total, tx, train_step, eval_step = build(config, mesh)
     config.workdir = config.workdir or default_workdir(config)
@@ -436,13 +501,26 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     checkpoint_every = config.checkpoint_every or spe
 
     check_workdir(workdir, config)  # before anything is written
-    checkpoints = ckpt.Checkpointer(workdir)
-    checkpoints.check_identity(config.identity())
+    resuming = bool(ckpt.saved_steps(workdir))
+    if resuming:  # another run's checkpoints are refused before any work
+        checkpoints = ckpt.Checkpointer(workdir)
+        checkpoints.check_identity(config.identity())
+        check_started_from(checkpoints.record(), config, workdir)
     state = init_state(model, tx, config, info.channels, mesh)
-    start = 0
-    if checkpoints.latest_step() is not None:
+    start, started_from, started_line = 0, None, ""  # started_from: what --init_from copied
+    if resuming:
         state, record = checkpoints.restore(ckpt.abstract_like(state))
         start = int(record["data_position"]["step"])
+        started_from = record.get("init_from")
+        if started_from:
+            layers = ", ".join(started_from["copied_layers"])
+            started_line = (f"started from {started_from['run']} ({started_from['arch']}, step "
+                            f"{started_from['step']}): {started_from['copied_tensors']} tensors "
+                            f"of {layers} copied at step 0")
+    else:
+        if config.init_from is not None:  # before the Checkpointer makes the workdir, so a
+            state, started_from, started_line = start_from(state, config)  # misfit leaves none
+        checkpoints = ckpt.Checkpointer(workdir)
     if main:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
@@ -453,6 +531,8 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
         f"{config.image_size}x{config.image_size}x{info.channels}), batch {config.batch_size} "
         f"over {mesh.size} device(s) in {jax.process_count()} process(es), {total} steps"
         + (f", resuming at step {start}" if start else "") + f"; workdir {workdir}")
+    if started_line:
+        progress.message(started_line)
 
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     p_train = jax.jit(train_step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
@@ -473,6 +553,7 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
                                        "data_position": {"step": step, "seed": config.seed,
                                                          "epoch": step // spe},
                                        "config": dataclasses.asdict(config),
+                                       "init_from": started_from,
                                        "model": {"num_classes": info.num_classes,
                                                  "in_channels": info.channels}})
 
@@ -558,6 +639,8 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
                "max_eval_loss": max(max_eval_loss, eval_metrics["eval_loss"]),
                "img_per_s": (train_time["images"] / train_time["s"]) if train_time["s"] else None,
                "blowups": monitor.events}
+    if started_from:
+        summary["init_from"] = started_from
     if monitor.events:
         progress.message(monitor.summary())
     progress.message(

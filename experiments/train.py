@@ -3,6 +3,7 @@
     python -m experiments.train --arch=densenet121            # embedded digits, offline
     python -m experiments.train --config=cifar10_resnet18 --batch_size=512
     python -m experiments.train --arch=resnet50 --dataset=imagenet2012 --data_dir=... --batch_size=1024
+    python -m experiments.train --arch=vgg16 --init_from=runs/vgg11-digits   # VGG's deepening
 
 Multi-process off a pod: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 Rerunning with the same --workdir resumes from its latest checkpoint.

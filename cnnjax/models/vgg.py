@@ -2,7 +2,8 @@
 
 Every conv is 3x3, stride 1, pad 1; every pool 2x2, stride 2; channels double after each pool
 (up to 512). As in torchvision, the `_bn` variants keep the conv bias, and an adaptive 7x7 pool
-sits before the 4096-4096-classes classifier.
+sits before the 4096-4096-classes classifier. `widths` and `fc_features` shrink a VGG to CPU size
+for tests (layer names, and so checkpoints and cnnjax.transfer's mappings, stay the same).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class VGG(nn.Module):
     arch: str = "vgg16"
     stage_sizes: Sequence[int] = STAGE_SIZES[16]
     batch_norm: bool = False
+    widths: Sequence[int] = WIDTHS      # conv channels per stage
+    fc_features: int = 4096             # width of fc6 and fc7
     num_classes: int = 1000
     dropout_rate: float = 0.5
     in_channels: int = 3
@@ -39,7 +42,7 @@ class VGG(nn.Module):
         conv = layers.conv(self.dtype, self.param_dtype)
         norm = layers.batch_norm(train, self.dtype, self.param_dtype)
         x = x.astype(self.dtype)
-        for s, (size, width) in enumerate(zip(self.stage_sizes, WIDTHS), start=1):
+        for s, (size, width) in enumerate(zip(self.stage_sizes, self.widths), start=1):
             for i in range(1, size + 1):
                 x = conv(width, 3, use_bias=True, name=f"conv{s}_{i}")(x)
                 if self.batch_norm:
@@ -51,7 +54,7 @@ class VGG(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype,
                                   kernel_init=nn.initializers.normal(0.01))
         for name in ("fc6", "fc7"):
-            x = nn.relu(dense(4096, name=name)(x))
+            x = nn.relu(dense(self.fc_features, name=name)(x))
             x = nn.Dropout(self.dropout_rate, deterministic=not train, name=f"drop_{name}")(x)
         return dense(self.num_classes, name="fc8")(x)
 
