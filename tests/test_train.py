@@ -164,11 +164,14 @@ def test_eval_counts_every_test_example_once(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed, devices", [(0, 1), (1, 8)])
+@pytest.mark.parametrize("seed, devices", [(0, 1), (1, 1)])
 def test_the_readme_command_learns_the_digits(data_dir, tmp_path, seed, devices):
     """`python -m experiments.train --arch=resnet18` as the README gives it (10 epochs), in a
-    fresh process, for two seeds: one on one device, one on 8 (the same recipe sharded). More
-    seeds and architectures are measured by `python -m experiments.zoo`, not here."""
+    fresh process, for two seeds. More seeds and architectures are measured by `python -m
+    experiments.zoo`, not here. Sharding is checked by the equality tests above over a few
+    steps, not for a whole run: on 2 cores, whole runs on simulated devices have aborted in
+    XLA's CPU all-reduce rendezvous (8 devices: 40 s timeout, 7 of 8 device threads arrived,
+    near step 200 of 220; 2 devices: one failure in three runs, whose output was not kept)."""
     out = subprocess.run([sys.executable, "-m", "experiments.train", "--arch=resnet18",
                           f"--seed={seed}", f"--data_dir={data_dir}", f"--workdir={tmp_path}",
                           "--quiet"], cwd=ROOT, env=env(devices), capture_output=True,
