@@ -38,6 +38,17 @@ STANDARD = [(a, 0) for a in (
                                          "shufflenet_v2_x1_0") for s in (1, 2)]
 
 
+# Runs measured below the bar whose fix is still open: shown in the table as they are, and
+# the README test fails when a run not listed here falls below the bar or a listed one clears it.
+KNOWN_BELOW = {
+    ("shufflenet_v1_g3", 0): "issue 7 open: training loss above chance in warmup (4.9 at step "
+                             "25) and spikes (eval loss 30.7 at step 154) at lr 0.2 per 256",
+    ("se_resnet50", 0): "issue 7 open: training loss above chance in warmup (4.3 at step 25), "
+                        "still learning at the end (eval top-1 92.5% -> 93.9% -> 93.6% over the "
+                        "last three epochs)",
+}
+
+
 # Run first (the table keeps STANDARD's order): the README's own first command and the
 # architectures measured on several seeds, so an interrupted table has the runs that matter most.
 FIRST = ("resnet18", "mobilenet_v2", "shufflenet_v2_x1_0", "densenet121")
@@ -124,7 +135,8 @@ def render(results: list[dict]) -> str:
             lines.append(f"| {r['arch']} | {r['seed']} | failed: {' '.join(r['error'])} "
                          f"| | | | {r['wall_s']:.0f} | |")
             continue
-        lines.append(f"| {r['arch']} | {r['seed']} | {r['top1']:.2%} | "
+        mark = " (below the bar)" if r["top1"] < BAR else ""
+        lines.append(f"| {r['arch']} | {r['seed']} | {r['top1']:.2%}{mark} | "
                      f"{r['max_eval_loss']:.3f} | {r['blowups']} | {r['steps']} | "
                      f"{r['wall_s']:.0f} | {r['img_per_s']:.1f} |")
     return "\n".join(lines)

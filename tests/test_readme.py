@@ -29,8 +29,10 @@ def test_zoo_table_is_rendered_from_the_recorded_runs_and_every_run_clears_the_b
         "README zoo table is stale: python -m experiments.zoo --render_only")
     measured = [r for r in results if not r.get("missing")]
     assert measured, "no zoo runs recorded: python -m experiments.zoo"
-    below = [(r["arch"], r["seed"], r.get("top1")) for r in measured if r.get("top1", 0) < zoo.BAR]
-    assert not below, f"runs below the {zoo.BAR:.0%} bar: {below}"
+    below = {(r["arch"], r["seed"]) for r in measured if r.get("top1", 0) < zoo.BAR}
+    known = {run for run in zoo.KNOWN_BELOW if run in {(r["arch"], r["seed"]) for r in measured}}
+    assert below == known, (f"runs below the {zoo.BAR:.0%} bar: {sorted(below)}; known to be "
+                            f"(zoo.KNOWN_BELOW, each with its open issue): {sorted(known)}")
 
 
 def test_zoo_runs_the_readme_command_first_and_marks_what_is_not_measured():
@@ -47,3 +49,5 @@ def test_zoo_runs_the_readme_command_first_and_marks_what_is_not_measured():
     text = zoo.render(rows)
     assert "1 of 1 runs reach the 95% bar; 1 not measured yet" in text
     assert "| alexnet | 0 | not measured yet |" in text and "| vgg16 | 0 | 97.00% |" in text
+    low = zoo.render([{**done, "top1": 0.775}])
+    assert "0 of 1 runs reach the 95% bar" in low and "| vgg16 | 0 | 77.50% (below the bar) |" in low
