@@ -23,9 +23,10 @@ class CheckpointMismatch(ValueError):
 class Checkpointer:
     """Saves and restores (state, record) under WORKDIR/checkpoints, keeping the last few."""
 
-    def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3):
+    def __init__(self, workdir: str | pathlib.Path, max_to_keep: int = 3, create: bool = True):
+        """`create=False` for reading: a workdir without checkpoints is left as it is."""
         self.directory = pathlib.Path(workdir).resolve() / "checkpoints"
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,

@@ -1,7 +1,9 @@
-"""matplotlib figures of the lecture's comparisons: per-layer cost bars and the complexity chart.
+"""matplotlib figures of the lecture's comparisons: per-layer cost bars, the complexity chart and
+training curves.
 
     layer_bars(cnnjax.profile("alexnet", 227), "alexnet.png")   # memory / params / MACs per layer
     complexity(experiments.complexity.complexity_rows(), "complexity.png")
+    training_curves(["runs/vgg16-digits", "runs/vgg16-digits-from-vgg11-digits"], "curves.png")
 
 Figures are built with `matplotlib.figure.Figure` and written with the Agg renderer, never through
 pyplot: nothing opens a window, no global backend is switched (a notebook keeps its own), and each
@@ -10,8 +12,10 @@ multiply-add (MAC) and memory is activation memory (output elements x bytes, bat
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import pathlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -349,4 +353,57 @@ def complexity(rows: Iterable[dict[str, Any]], path: str | os.PathLike | None = 
                   [math.sqrt(a / math.pi) for a in areas], fontsize=8)
     _place_labels(ax_ops, ox, oy, [r["name"] for r in rows], [math.sqrt(30 / math.pi)] * len(rows))
     fig.set_layout_engine("none")  # keep the layout the labels were placed in
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training curves
+
+
+def read_history(workdir: str | os.PathLike) -> dict[str, list]:
+    """A run's metrics.jsonl as columns: train (step, loss) and eval (step, loss, top-1).
+
+    ValueError when WORKDIR holds no metrics (not the --workdir of a run that logged a step)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    rows = []
+    if path.is_file():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        raise ValueError(f"{os.fspath(workdir)!r} has no metrics ({path} is missing or empty): "
+                         "expected the --workdir of a run of python -m experiments.train")
+    return {"step": [r["step"] for r in train], "loss": [r["loss"] for r in train],
+            "eval_step": [r["step"] for r in evals], "eval_loss": [r["eval_loss"] for r in evals],
+            "eval_top1": [100 * r["eval_top1"] for r in evals]}
+
+
+def training_curves(workdirs: Sequence[str | os.PathLike], path: str | os.PathLike | None = None,
+                    *, labels: Sequence[str] | None = None) -> Figure:
+    """Loss (training, and test at each evaluation; log scale) and test top-1 against the step,
+    one colour per run: the curves of the lecture's comparisons (VGG-16 from scratch against
+    VGG-16 started from VGG-11, seeds of one recipe, ...). Labels default to the folder names."""
+    workdirs = list(workdirs)
+    if not workdirs:
+        raise ValueError("training_curves needs at least one run's workdir")
+    labels = [os.path.basename(os.path.normpath(w)) for w in workdirs] if labels is None \
+        else list(labels)
+    if len(labels) != len(workdirs):
+        raise ValueError(f"{len(labels)} labels for {len(workdirs)} runs: give one per run")
+    histories = [read_history(w) for w in workdirs]
+    fig = _new_figure(12, 4.5)
+    ax_loss, ax_top1 = fig.subplots(1, 2)
+    for i, (h, label) in enumerate(zip(histories, labels)):
+        c = f"C{i % 10}"
+        ax_loss.plot(h["step"], h["loss"], color=c, lw=1, alpha=0.6, label=f"{label}: train")
+        ax_loss.plot(h["eval_step"], h["eval_loss"], "o--", color=c, ms=4,
+                     label=f"{label}: test")
+        last = f": last {h['eval_top1'][-1]:.1f}%" if h["eval_top1"] else ""
+        ax_top1.plot(h["eval_step"], h["eval_top1"], "o-", color=c, ms=4, label=label + last)
+    ax_loss.set(xlabel="step", ylabel="cross-entropy (log scale)", yscale="log",
+                title="Loss: training (lines) and test (dashed, at each evaluation)")
+    ax_top1.set(xlabel="step", ylabel="test top-1 (%)", title="Test accuracy")
+    for ax in (ax_loss, ax_top1):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     return _save(fig, path)

@@ -656,8 +656,19 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
 def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None
                     ) -> tuple[nn.Module, dict, dict]:
     """(model, variables, record) of a run's checkpoint, for inference or fine-tuning:
-    `model.apply(variables, x, train=False)`. Works on any machine, whatever trained it."""
-    state, record = ckpt.Checkpointer(workdir).restore_on_host(step)
+    `model.apply(variables, x, train=False)`. Works on any machine, whatever trained it.
+
+    FileNotFoundError when WORKDIR holds no finished checkpoint, ValueError for a step it did not
+    save (the message lists those it did); nothing is created or changed in WORKDIR."""
+    steps = ckpt.saved_steps(workdir)
+    where = pathlib.Path(workdir).resolve() / "checkpoints"
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {where}: expected the --workdir of a run of "
+                                "python -m experiments.train that saved at least one step")
+    if step is not None and step not in steps:
+        raise ValueError(f"{where} has no checkpoint of step {step}; saved steps: "
+                         f"{', '.join(map(str, steps))}")
+    state, record = ckpt.Checkpointer(workdir, create=False).restore_on_host(step)
     config = TrainConfig(**record["config"])
     model = create_model(config.arch, dtype=jnp.dtype(config.dtype), **record["model"],
                          **config.model_overrides)

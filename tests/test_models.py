@@ -9,17 +9,31 @@ import pytest
 
 import cnnjax
 
-# Models whose every-model test takes tens of seconds on a 2-core CPU; CI runs them too.
+# Deeper variants of a family whose every module a lighter sibling already trains in
+# test_forward_train_and_gradients (resnet152: resnet50's blocks; densenet201: densenet121's):
+# compiling their backward pass took 40-95 s each on a 2-core CPU, so they run the eval forward.
 HEAVY = {"resnet152", "se_resnet152", "resnext101_32x8d", "resnet101", "se_resnet101",
          "wide_resnet50_2", "densenet161", "densenet169", "densenet201"}
-ALL = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in cnnjax.list_models()]
+LIGHT = [n for n in cnnjax.list_models() if n not in HEAVY]
 
 
 def small_size(model) -> int:
     return max(model.min_input_size, 32)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", sorted(HEAVY))
+def test_deep_variants_run_forward_to_finite_logits(name):
+    model = cnnjax.create_model(name, num_classes=10)
+    size = small_size(model)
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+    chex.assert_shape(logits, (2, 10))
+    chex.assert_tree_all_finite(logits)
+    assert not np.allclose(logits[0], logits[1])  # the input reaches the output
+
+
+@pytest.mark.parametrize("name", LIGHT)
 def test_forward_train_and_gradients(name):
     model = cnnjax.create_model(name, num_classes=10)
     size = small_size(model)
@@ -157,3 +171,24 @@ def test_zero_init_residual_makes_blocks_start_as_identity_branches():
                                                     train=False)
     assert np.all(np.asarray(default["params"]["stage1_block1"]["bn2"]["scale"]) == 1)
     assert variables["params"]["stage1_block1"]["bn3"]["scale"].shape == (256,)
+
+
+def test_shufflenet_v1_zero_init_residual_starts_added_units_at_relu_x():
+    from cnnjax.models import layers, shufflenet
+    init = lambda model: jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    params = init(cnnjax.create_model("shufflenet_v1_g3", zero_init_residual=True))
+    scale = lambda block: np.asarray(params[block]["gconv2"]["bn"]["scale"])
+    assert np.all(scale("stage3_block2") == 0) and np.all(scale("stage4_block4") == 0)
+    # A stride-2 unit concatenates its branch to the pooled shortcut: that branch keeps scale 1.
+    assert np.all(scale("stage3_block1") == 1)
+    assert np.all(np.asarray(params["stage3_block2"]["dw"]["bn"]["scale"]) == 1)
+    unit = shufflenet.ShuffleUnit(48, 1, 3, 3, layers.conv(jnp.float32, jnp.float32),
+                                  layers.batch_norm(True, jnp.float32, jnp.float32),
+                                  zero_init_last=True)
+    x = jax.random.normal(jax.random.key(1), (2, 4, 4, 48))
+    variables = unit.init(jax.random.key(2), x)
+    y, _ = unit.apply(variables, x, mutable=["batch_stats"])
+    np.testing.assert_array_equal(y, jax.nn.relu(x))
+    default = init(cnnjax.create_model("shufflenet_v1_g3"))
+    assert np.all(np.asarray(default["stage3_block2"]["gconv2"]["bn"]["scale"]) == 1)

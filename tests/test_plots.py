@@ -1,6 +1,7 @@
 """The lecture's pictures: the complexity rows are cnnjax.profile's numbers, every plotted accuracy
 comes from a reference file with its source, the PNGs are real pictures with no overlapping
 labels, and the --plot flags write them or fail with one line."""
+import json
 import pathlib
 import re
 import subprocess
@@ -244,3 +245,64 @@ def test_complexity_command_prints_the_readme_table_and_draws_every_model(tmp_pa
         "README model table is stale: run python -m experiments.complexity --update_readme")
     assert len(out.stdout.strip().splitlines()) == 2 + len(cnnjax.list_models())
     assert_picture(path, min_height=1500)
+
+
+def _fake_run(workdir: pathlib.Path, final_top1: float) -> pathlib.Path:
+    """A workdir with the metrics.jsonl a training run writes: train records, then evals."""
+    workdir.mkdir()
+    lines = [{"step": s, "loss": 2.3 / s, "lr": 0.1, "img_per_s": 100.0} for s in (5, 10, 15, 20)]
+    lines += [{"step": s, "eval_loss": 1.0 / s, "eval_top1": t, "eval_top5": 1.0}
+              for s, t in ((10, 0.5), (20, final_top1))]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return workdir
+
+
+def test_training_curves_draw_train_and_test_loss_and_top1_per_run(tmp_path):
+    a, b = _fake_run(tmp_path / "a", 0.9), _fake_run(tmp_path / "b", 0.975)
+    fig = plots.training_curves([a, b], tmp_path / "curves.png", labels=["scratch", "init"])
+    ax_loss, ax_top1 = fig.axes
+    assert ax_loss.get_yscale() == "log"
+    assert [l.get_label() for l in ax_loss.get_lines()] == [
+        "scratch: train", "scratch: test", "init: train", "init: test"]
+    np.testing.assert_allclose(ax_loss.get_lines()[1].get_ydata(), [0.1, 0.05])
+    np.testing.assert_allclose(ax_top1.get_lines()[1].get_ydata(), [50.0, 97.5])
+    assert [l.get_label() for l in ax_top1.get_lines()] == ["scratch: last 90.0%",
+                                                            "init: last 97.5%"]
+    image = matplotlib.image.imread(tmp_path / "curves.png")
+    assert image.shape[:2] == (450, 1200) and image[..., :3].std() > 0.05
+
+
+def test_curves_command_writes_the_figure_and_prints_each_run_s_last_top1(tmp_path, capsys):
+    from experiments import curves
+    a, b = _fake_run(tmp_path / "a", 0.9), _fake_run(tmp_path / "b", 0.975)
+    out = tmp_path / "curves.png"
+    assert curves.main([str(a), str(b), f"--out={out}"]) == 0
+    assert out.stat().st_size > 0
+    assert capsys.readouterr().out.splitlines() == [
+        f"{a}: test top-1 90.00% at step 20", f"{b}: test top-1 97.50% at step 20"]
+
+
+def _exit_code(main, argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors
+        return e.code
+
+
+@pytest.mark.parametrize("args, says", [
+    (["{a}", "{empty}", "--out={tmp}/c.png"], "'{empty}' has no metrics"),
+    (["{a}", "{tmp}/typo", "--out={tmp}/c.png"], "'{tmp}/typo' has no metrics"),
+    (["{a}", "--labels=x,y", "--out={tmp}/c.png"], "--labels='x,y' has 2 names for 1 runs"),
+    (["{a}", "--out={tmp}/c.txt"], "--out='{tmp}/c.txt' must end in one of"),
+    (["{a}", "--out={tmp}/nodir/c.png"], "does not exist"),
+    (["{a}"], "the following arguments are required: --out"),
+])
+def test_bad_curves_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, args, says):
+    from experiments import curves
+    a = _fake_run(tmp_path / "a", 0.9)
+    (tmp_path / "empty").mkdir()
+    fill = lambda s: s.format(a=a, empty=tmp_path / "empty", tmp=tmp_path)
+    code = _exit_code(curves.main, [fill(x) for x in args])
+    err = capsys.readouterr().err
+    assert code == 2 and fill(says) in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "empty"]

@@ -31,6 +31,7 @@ class ShuffleUnit(nn.Module):
     first_groups: int  # 1 for the first unit of stage 2: its 24 input channels are too few
     conv: ModuleDef
     norm: ModuleDef
+    zero_init_last: bool = False  # stride 1: the last BN scale starts at 0, the unit at ReLU(x)
 
     @nn.compact
     def __call__(self, x):
@@ -42,7 +43,11 @@ class ShuffleUnit(nn.Module):
             y = layers.channel_shuffle(y, self.first_groups)
         # No ReLU after the depthwise conv or the second GConv (Sec. 3.2): ReLU follows the merge.
         y = unit(mid, 3, self.stride, groups=mid, act=None, name="dw")(y)
-        y = unit(branch, 1, groups=self.groups, act=None, name="gconv2")(y)
+        last_norm = self.norm
+        if self.zero_init_last and self.stride == 1:  # only an added branch can start at zero
+            last_norm = functools.partial(self.norm, scale_init=nn.initializers.zeros)
+        y = layers.ConvNormAct(self.conv, last_norm, branch, 1, groups=self.groups, act=None,
+                               name="gconv2")(y)
         if self.stride == 2:
             shortcut = layers.AvgPool(3, 2, padding=1, name="pool_shortcut")(x)
             return nn.relu(jnp.concatenate([shortcut, y], axis=-1))
@@ -65,6 +70,7 @@ class ShuffleNetV1(nn.Module):
     stem_channels: int | None = None  # None: 24 x width_mult (the authors' 1.5x model keeps 24)
     in_channels: int = 3
     min_input_size: int = 1  # every conv and pool is padded: any size reaches a 1x1 map
+    zero_init_residual: bool = False  # as ResNet's (Goyal et al. 2017), for the added units
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -91,7 +97,7 @@ class ShuffleNetV1(nn.Module):
         for i, (repeats, out) in enumerate(zip(self.stage_repeats, stages)):
             for j in range(repeats):
                 x = ShuffleUnit(out, 2 if j == 0 else 1, g, 1 if i == j == 0 else g, conv, norm,
-                                name=f"stage{i + 2}_block{j + 1}")(x)
+                                self.zero_init_residual, name=f"stage{i + 2}_block{j + 1}")(x)
         x = layers.GlobalAvgPool(name="avgpool")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="fc")(x)
