@@ -378,19 +378,34 @@ def read_history(workdir: str | os.PathLike) -> dict[str, list]:
             "eval_top1": [100 * r["eval_top1"] for r in evals]}
 
 
+def run_labels(workdirs: Sequence[str | os.PathLike],
+               labels: Sequence[str] | None = None) -> list[str]:
+    """One legend label per run: `labels` when given (ValueError unless exactly one per run),
+    else each workdir's folder name."""
+    workdirs = list(workdirs)
+    if not workdirs:
+        raise ValueError("training curves need at least one run's workdir")
+    if labels is None:
+        return [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    labels = list(labels)
+    if len(labels) != len(workdirs):
+        raise ValueError(f"{len(labels)} labels ({','.join(labels)}) for {len(workdirs)} runs: "
+                         "give one per run")
+    return labels
+
+
 def training_curves(workdirs: Sequence[str | os.PathLike], path: str | os.PathLike | None = None,
                     *, labels: Sequence[str] | None = None) -> Figure:
     """Loss (training, and test at each evaluation; log scale) and test top-1 against the step,
     one colour per run: the curves of the lecture's comparisons (VGG-16 from scratch against
     VGG-16 started from VGG-11, seeds of one recipe, ...). Labels default to the folder names."""
-    workdirs = list(workdirs)
-    if not workdirs:
-        raise ValueError("training_curves needs at least one run's workdir")
-    labels = [os.path.basename(os.path.normpath(w)) for w in workdirs] if labels is None \
-        else list(labels)
-    if len(labels) != len(workdirs):
-        raise ValueError(f"{len(labels)} labels for {len(workdirs)} runs: give one per run")
-    histories = [read_history(w) for w in workdirs]
+    labels = run_labels(workdirs, labels)
+    return history_curves([read_history(w) for w in workdirs], labels, path)
+
+
+def history_curves(histories: Sequence[dict[str, list]], labels: Sequence[str],
+                   path: str | os.PathLike | None = None) -> Figure:
+    """`training_curves` of histories already read (`read_history`), one label each."""
     fig = _new_figure(12, 4.5)
     ax_loss, ax_top1 = fig.subplots(1, 2)
     for i, (h, label) in enumerate(zip(histories, labels)):

@@ -23,16 +23,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--labels", default=None,
                         help="comma-separated, one per run; default: the folder names")
     args = parser.parse_args(argv)
-    labels = None if args.labels is None else args.labels.split(",")
     try:
         plots.check_path("out", args.out)
-        if labels is not None and len(labels) != len(args.runs):
-            raise ValueError(f"--labels={args.labels!r} has {len(labels)} names for "
-                             f"{len(args.runs)} runs: give one per run")
+        labels = plots.run_labels(args.runs, None if args.labels is None
+                                  else args.labels.split(","))
         histories = [plots.read_history(run) for run in args.runs]
     except ValueError as e:
         return flags.fail(e)
-    plots.training_curves(args.runs, args.out, labels=labels)
+    plots.history_curves(histories, labels, args.out)
     for run, h in zip(args.runs, histories):
         last = f"{h['eval_top1'][-1]:.2f}% at step {h['eval_step'][-1]}" if h["eval_top1"] \
             else "no evaluation"

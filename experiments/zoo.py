@@ -10,7 +10,7 @@ images/s are comparable. Each finished run appends one JSON line to --results (d
 experiments/zoo.jsonl, committed; workdirs go to runs/zoo/); rerunning skips the runs already
 there, so an interrupted table resumes (delete the file to measure afresh). The README table is rendered
 from that file (with the machine and versions it was measured on) and is never typed by hand.
-The standard set took 2 h 37 min on a 2-core Xeon (resnext50_32x4d alone 41 min, vgg16 19);
+The standard set took 2 h 35 min on a 2-core Xeon (resnext50_32x4d alone 41 min, vgg16 17);
 the README's own resnet18 and the other multi-seed architectures run first. A benchmark, not a
 test.
 """
@@ -41,12 +41,7 @@ STANDARD = [(a, 0) for a in (
 
 # Runs measured below the bar whose fix is still open: shown in the table as they are, and
 # the README test fails when a run not listed here falls below the bar or a listed one clears it.
-KNOWN_BELOW: dict[tuple[str, int], str] = {
-    ("vgg16", 0): "issue 7 open: 13 convolutions without BatchNorm, from scratch, under AdamW "
-                  "5e-4: a plateau near 30% test top-1 for the first 3 epochs, still learning "
-                  "at the end (66.7% -> 81.7% -> 86.1% -> 85.8% over the last four epochs; "
-                  "training loss 0.52)",
-}
+KNOWN_BELOW: dict[tuple[str, int], str] = {}
 
 
 # Run first (the table keeps STANDARD's order): the README's own first command and the

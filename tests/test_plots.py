@@ -292,7 +292,7 @@ def _exit_code(main, argv) -> int:
 @pytest.mark.parametrize("args, says", [
     (["{a}", "{empty}", "--out={tmp}/c.png"], "'{empty}' has no metrics"),
     (["{a}", "{tmp}/typo", "--out={tmp}/c.png"], "'{tmp}/typo' has no metrics"),
-    (["{a}", "--labels=x,y", "--out={tmp}/c.png"], "--labels='x,y' has 2 names for 1 runs"),
+    (["{a}", "--labels=x,y", "--out={tmp}/c.png"], "2 labels (x,y) for 1 runs: give one per run"),
     (["{a}", "--out={tmp}/c.txt"], "--out='{tmp}/c.txt' must end in one of"),
     (["{a}", "--out={tmp}/nodir/c.png"], "does not exist"),
     (["{a}"], "the following arguments are required: --out"),

@@ -294,9 +294,12 @@ def test_the_default_preset_has_per_family_rows_that_flags_still_override():
         c = make(f"--arch={arch}")
         assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adamw", 1e-3, 0.05), arch
     assert make("--arch=resnet50").optimizer == "sgd"
-    for arch in ("alexnet", "alexnet_v1", "zfnet", "vgg16", "vgg11_bn", "googlenet_v1"):
+    for arch in ("alexnet", "alexnet_v1", "zfnet", "vgg11_bn", "vgg16_bn", "googlenet_v1"):
         c = make(f"--arch={arch}")
         assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adamw", 5e-4, 0.05), arch
+    for arch in ("vgg11", "vgg13", "vgg16", "vgg19"):  # no BatchNorm at all: a lower rate
+        c = make(f"--arch={arch}")
+        assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adamw", 2e-4, 0.05), arch
     assert make("--arch=googlenet").optimizer == "sgd"
     assert make("--arch=shufflenet_v2_x1_0").num_epochs == 20 == make("--arch=shufflenet_v1_g3").num_epochs
     assert make("--arch=shufflenet_v1_g8").model_overrides == {"zero_init_residual": True}
