@@ -20,6 +20,11 @@ class CheckpointMismatch(ValueError):
     """The workdir holds another run's checkpoints."""
 
 
+class NoCheckpoint(FileNotFoundError, ValueError):
+    """A directory that should be a run's workdir holds no finished checkpoint (a ValueError so
+    a command's flag check reports it as one line, a FileNotFoundError for Python callers)."""
+
+
 class Checkpointer:
     """Saves and restores (state, record) under WORKDIR/checkpoints, keeping the last few."""
 
@@ -99,6 +104,19 @@ def saved_steps(workdir: str | os.PathLike) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdecimal() and p.is_dir())
+
+
+def require_saved(workdir: str | os.PathLike, label: str | None = None) -> list[int]:
+    """`saved_steps(workdir)`, or NoCheckpoint when there are none; `label` names the directory
+    in the message (a flag such as "--init_from='runs/x'"; default: the path)."""
+    steps = saved_steps(workdir)
+    if not steps:
+        label = label or repr(os.fspath(workdir))
+        raise NoCheckpoint(f"{label} holds no checkpoint (no "
+                           f"{os.path.join(os.fspath(workdir), 'checkpoints', 'STEP')}): expected "
+                           "the --workdir of a run of python -m experiments.train that saved at "
+                           "least one step")
+    return steps
 
 
 def abstract_like(tree: Any) -> Any:

@@ -109,9 +109,7 @@ def read_member(workdir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_dir():
         what = "is a file" if path.exists() else "does not exist"
         raise ValueError(f"ensemble member {os.fspath(workdir)!r} {what}; {expected}")
-    if not ckpt.saved_steps(path):
-        raise ValueError(f"no checkpoint in {where.resolve()}: {expected} that saved at least "
-                         "one checkpoint")
+    ckpt.require_saved(path, f"ensemble member {os.fspath(workdir)!r}")
     checkpoints = ckpt.Checkpointer(path)  # the directory exists: nothing is created
     try:
         step = checkpoints.latest_step()

@@ -119,9 +119,7 @@ def check_init_from(init_from: str | os.PathLike, workdir: str | os.PathLike | N
     """--init_from must be an earlier run's workdir with a checkpoint, not this run's own."""
     what = "the workdir of an earlier run, whose latest checkpoint is read"
     flags.check_existing_directory("init_from", init_from, what)
-    if not ckpt.saved_steps(init_from):
-        raise ValueError(f"--init_from={flags.show(init_from)} holds no checkpoint (no "
-                         f"{os.path.join(init_from, 'checkpoints', 'STEP')}); it must be {what}")
+    ckpt.require_saved(init_from, f"--init_from={flags.show(init_from)}")
     if workdir is not None and os.path.realpath(init_from) == os.path.realpath(workdir):
         raise ValueError(f"--init_from={flags.show(init_from)} is this run's own --workdir; "
                          "leave --init_from out to resume that run")
@@ -658,13 +656,11 @@ def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None
     """(model, variables, record) of a run's checkpoint, for inference or fine-tuning:
     `model.apply(variables, x, train=False)`. Works on any machine, whatever trained it.
 
-    FileNotFoundError when WORKDIR holds no finished checkpoint, ValueError for a step it did not
-    save (the message lists those it did); nothing is created or changed in WORKDIR."""
-    steps = ckpt.saved_steps(workdir)
+    checkpoint.NoCheckpoint (a FileNotFoundError) when WORKDIR holds no finished checkpoint,
+    ValueError for a step it did not save (the message lists those it did); nothing is created
+    or changed in WORKDIR."""
+    steps = ckpt.require_saved(workdir)
     where = pathlib.Path(workdir).resolve() / "checkpoints"
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {where}: expected the --workdir of a run of "
-                                "python -m experiments.train that saved at least one step")
     if step is not None and step not in steps:
         raise ValueError(f"{where} has no checkpoint of step {step}; saved steps: "
                          f"{', '.join(map(str, steps))}")

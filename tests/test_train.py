@@ -174,9 +174,10 @@ def test_metrics_jsonl_and_workdir_contents(data_dir, tmp_path):
 
 
 def test_load_checkpoint_of_a_directory_without_a_run_says_so_and_creates_nothing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint in .*expected the --workdir of a run"):
+    with pytest.raises(FileNotFoundError, match=r"'.*typo' holds no checkpoint \(no .*typo/"
+                                                r"checkpoints/STEP\): expected the --workdir"):
         train.load_checkpoint(tmp_path / "typo")
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
         train.load_checkpoint(tmp_path)
     assert list(tmp_path.iterdir()) == []
 
