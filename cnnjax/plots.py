@@ -422,3 +422,106 @@ def history_curves(histories: Sequence[dict[str, list]], labels: Sequence[str],
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture search (cnnjax.nas)
+
+
+def search_curves(children: Sequence[dict[str, Any]], steps: Sequence[dict[str, Any]],
+                  path: str | os.PathLike | None = None, *, title: str = "") -> Figure:
+    """A search's progress against the controller step: every child's reward (dots), the mean
+    reward of each step, the REINFORCE baseline and the best reward so far (left); the summed
+    entropy of the controller's decisions (right). Rows as in children.jsonl / controller.jsonl."""
+    fig = _new_figure(12, 4.5)
+    ax_r, ax_h = fig.subplots(1, 2)
+    x = [s["controller_step"] + 1 for s in steps]
+    if children:
+        m = max(c["child"] for c in children) + 1
+        jitter = [(c["child"] - (m - 1) / 2) * 0.5 / max(m, 1) for c in children]
+        ax_r.scatter([c["controller_step"] + 1 + j for c, j in zip(children, jitter)],
+                     [c["reward"] for c in children], s=14, color="0.6", zorder=2,
+                     label="a child's reward")
+    ax_r.plot(x, [s["mean_reward"] for s in steps], "o-", color="C0", ms=4, zorder=3,
+              label="mean reward of the step")
+    ax_r.plot(x, [s["baseline"] for s in steps], "--", color="C1", zorder=3,
+              label="baseline (EMA of rewards) used at the step")
+    ax_r.step(x, [s["best_reward"] for s in steps], where="post", color="C2", zorder=3,
+              label="best reward so far")
+    ax_r.set(xlabel="controller step", ylabel="reward (validation accuracy, held out of train)",
+             title="Rewards of the sampled children")
+    ax_h.plot(x, [s["entropy"] for s in steps], "o-", color="C3", ms=4)
+    ax_h.set(xlabel="controller step", ylabel="entropy (nats, summed over a child's decisions)",
+             title="Controller entropy: falls as the policy commits")
+    for ax in (ax_r, ax_h):
+        ax.grid(alpha=0.3)
+    ax_r.legend(fontsize=8, loc="lower right")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def search_children(children: Sequence[dict[str, Any]], hand: Sequence[dict[str, Any]],
+                    path: str | os.PathLike | None = None, *, title: str = "",
+                    budget: int | None = None) -> Figure:
+    """Every child as a point of validation accuracy against MACs (left) and parameters
+    (right), coloured by the controller step that sampled it, the best starred, and the
+    hand-designed models trained on the same data and budget beside them (black diamonds):
+    the lecture's figure of searched against designed networks, in small."""
+    fig = _new_figure(13, 5.5)
+    axes = fig.subplots(1, 2, sharey=True)
+    best = max(children, key=lambda c: c["reward"], default=None)
+    last = max((c["controller_step"] for c in children), default=0)
+    points, labels = None, []
+    for ax, key, unit in zip(axes, ("macs", "params"), ("MACs", "parameters")):
+        xs = [c[key] for c in children]
+        ys = [100 * c["accuracy"] for c in children]
+        points = ax.scatter(xs, ys, c=[c["controller_step"] + 1 for c in children], s=22,
+                            cmap="viridis", vmin=1, vmax=last + 1, alpha=0.85, zorder=3)
+        names, lx, ly, radii = [], [], [], []
+        if best is not None:
+            ax.scatter([best[key]], [100 * best["accuracy"]], marker="*", s=260, color="red",
+                       edgecolors="black", linewidths=0.6, zorder=5)
+            names.append(f"best child {best['name']}")
+            lx.append(best[key])
+            ly.append(100 * best["accuracy"])
+            radii.append(9.0)
+        for h in hand:
+            ax.scatter([h[key]], [100 * h["accuracy"]], marker="D", s=45, color="black",
+                       zorder=4)
+            names.append(h["arch"])
+            lx.append(h[key])
+            ly.append(100 * h["accuracy"])
+            radii.append(4.0)
+        allx = xs + lx
+        if allx:
+            ax.set_xscale("log")
+            ax.set_xlim(min(allx) / 2, max(allx) * 2)
+        ax.set_xlabel(f"{unit} (log scale" + (f"; {FLOP_NOTE})" if key == "macs" else ")"))
+        ax.grid(alpha=0.3, which="both")
+        labels.append((lx, ly, names, radii))
+    ally = [100 * c["accuracy"] for c in children] + [100 * h["accuracy"] for h in hand]
+    if ally:
+        axes[0].set_ylim(max(0, min(ally) - 8), min(100, max(ally)) + 4)
+    axes[0].set_ylabel("validation accuracy (%)")
+    axes[0].set_title("Accuracy against operations", fontsize=10)
+    axes[1].set_title("Accuracy against parameters", fontsize=10)
+    if points is not None and children:
+        fig.colorbar(points, ax=axes, label="controller step that sampled the child",
+                     shrink=0.9)
+    handles = [Line2D([], [], ls="", marker="o", color="C2", label="sampled child"),
+               Line2D([], [], ls="", marker="*", ms=14, color="red", mec="black",
+                      label="best child")]
+    if hand:
+        handles.append(Line2D([], [], ls="", marker="D", color="black",
+                              label="hand-designed cnnjax model, same data"
+                              + (f" and {budget} steps" if budget else "")))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9,
+               frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.canvas.draw()  # fixes the layout, so labels can be placed in pixels
+    for ax, args in zip(axes, labels):
+        _place_labels(ax, *args, fontsize=8)
+    fig.set_layout_engine("none")
+    return _save(fig, path)

@@ -37,6 +37,8 @@ class TrainConfig:
     branches, Adam for the networks without BatchNorm) come with
     `TrainConfig(**experiments.configs.load("default", arch=...))`, as on the command line."""
     arch: str = "resnet18"
+    arch_spec: str | None = None        # a cnnjax.nas spec file (a search's best_spec.json):
+                                        # train that network; arch becomes its name (nas_...)
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None       # default: what the dataset and the arch need
@@ -86,7 +88,9 @@ class TrainConfig:
             raise ValueError(f"--model_overrides={flags.show(self.model_overrides)} cannot set "
                              f"{', '.join(taken)}: num_classes and in_channels follow --dataset, "
                              "dtype is --dtype")
-        model = create_model(self.arch, **self.model_overrides)  # unknown arch or option: raises
+        if self.arch_spec is not None:
+            self.use_arch_spec()
+        model = self.create_model()  # unknown arch or option, invalid spec: raises
         if self.image_size is not None:
             check_image_size(self.image_size, model)
         if self.data_dir is not None:
@@ -97,9 +101,33 @@ class TrainConfig:
         flags.check_directory("workdir", default_workdir(self) if self.workdir is None
                               else self.workdir)
 
+    def use_arch_spec(self) -> None:
+        """Reads --arch_spec (ValueError naming its first defect): the run's arch becomes the
+        spec's name, so workdirs and checkpoints of different specs never mix, and the image
+        size defaults to the size the spec was searched at."""
+        from cnnjax import nas
+        try:
+            spec = nas.load_spec(self.arch_spec)
+        except nas.SpecError as e:
+            raise ValueError(f"--arch_spec: {e}") from None
+        if self.model_overrides:
+            raise ValueError(f"--model_overrides={flags.show(self.model_overrides)}: an "
+                             "--arch_spec network has no options; edit its spec instead")
+        self.arch = spec.name
+        if self.image_size is None:
+            self.image_size = spec.space.input_size
+
+    def create_model(self, **kwargs: Any) -> nn.Module:
+        """The run's model: the registered --arch with --model_overrides, or the network of
+        --arch_spec (cnnjax.nas.build); `kwargs` as create_model's."""
+        if self.arch_spec is None:
+            return create_model(self.arch, **self.model_overrides, **kwargs)
+        from cnnjax import nas
+        return nas.build(nas.load_spec(self.arch_spec), **kwargs)
+
 
 _RULES: dict[str, flags.Rule] = {  # TrainConfig.validate's per-field checks
-    "arch": flags.TEXT, "dataset": flags.TEXT,
+    "arch": flags.TEXT, "arch_spec": flags.optional(flags.PATH), "dataset": flags.TEXT,
     "image_size": flags.optional(flags.POSITIVE_INT), "batch_size": flags.POSITIVE_INT,
     "num_epochs": flags.POSITIVE, "num_steps": flags.optional(flags.POSITIVE_INT),
     "optimizer": flags.one_of("sgd", "adamw"), "learning_rate": flags.POSITIVE,
@@ -327,8 +355,8 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh):
     config.validate()
     parallel.check_batch_size(config.batch_size, mesh.size)
     info = data.dataset_info(config.dataset, data_dir=config.data_dir)
-    model = create_model(config.arch, num_classes=info.num_classes, dtype=jnp.dtype(config.dtype),
-                         in_channels=info.channels, **config.model_overrides)
+    model = config.create_model(num_classes=info.num_classes, dtype=jnp.dtype(config.dtype),
+                                in_channels=info.channels)
     if config.image_size is None:
         config.image_size = data.default_image_size(info, min_image_size(model))
     check_image_size(config.image_size, model)
@@ -666,8 +694,7 @@ def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None
                          f"{', '.join(map(str, steps))}")
     state, record = ckpt.Checkpointer(workdir, create=False).restore_on_host(step)
     config = TrainConfig(**record["config"])
-    model = create_model(config.arch, dtype=jnp.dtype(config.dtype), **record["model"],
-                         **config.model_overrides)
+    model = config.create_model(dtype=jnp.dtype(config.dtype), **record["model"])
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]

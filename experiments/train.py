@@ -4,6 +4,7 @@
     python -m experiments.train --config=cifar10_resnet18 --batch_size=512
     python -m experiments.train --arch=resnet50 --dataset=imagenet2012 --data_dir=... --batch_size=1024
     python -m experiments.train --arch=vgg16 --init_from=runs/vgg11-digits   # VGG's deepening
+    python -m experiments.train --arch_spec=runs/nas/best_spec.json   # a searched network
 
 Multi-process off a pod: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 Rerunning with the same --workdir resumes from its latest checkpoint.
@@ -46,6 +47,9 @@ def make_config(args: argparse.Namespace):
     from cnnjax.train import TrainConfig
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if "arch" in given and "arch_spec" in given:
+        raise ValueError(f"--arch={given['arch']} and --arch_spec={given['arch_spec']}: give "
+                         "one (an --arch_spec network is named after its spec)")
     return TrainConfig(**configs.merge(configs.load(args.config, given.get("arch")), given))
 
 
