@@ -374,19 +374,23 @@ def build(config: TrainConfig, mesh: jax.sharding.Mesh):
     return info, model, train_data, eval_data, total, tx, train_step, eval_step
 
 
-def init_state(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
-               channels: int, mesh: jax.sharding.Mesh) -> TrainState:
-    """A fresh state, built replicated on every device by one jitted init."""
-    shape = (1, config.image_size, config.image_size, channels)
-
+def make_init(model: nn.Module, tx: optax.GradientTransformation,
+              input_shape: tuple[int, ...]) -> Callable[[int], TrainState]:
+    """seed -> a fresh TrainState for inputs of `input_shape` (pure; jit it)."""
     def init(seed):
         params_rng, state_rng = jax.random.split(jax.random.key(seed))
-        variables = model.init(params_rng, jnp.zeros(shape, jnp.float32), train=False)
+        variables = model.init(params_rng, jnp.zeros(input_shape, jnp.float32), train=False)
         params = variables["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
                           rng=jax.random.key_data(state_rng))
+    return init
 
+
+def init_state(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
+               channels: int, mesh: jax.sharding.Mesh) -> TrainState:
+    """A fresh state, built replicated on every device by one jitted init."""
+    init = make_init(model, tx, (1, config.image_size, config.image_size, channels))
     return jax.jit(init, static_argnums=0, out_shardings=parallel.replicated(mesh))(config.seed)
 
 

@@ -253,10 +253,7 @@ class ChildTrainer:
             moments = train.make_moments_step(model)
 
             def score(state, calib, val):
-                stats = jax.tree_util.tree_map(lambda *t: sum(t) / len(t),
-                                               *[moments(state, b) for b in calib])
-                state = state.replace(batch_stats=stats) if state.batch_stats else state
-                return eval_step(state, val)
+                return eval_step(train.recalibrate_batch_norm(state, moments, calib), val)
 
             fast = isinstance(model, NASNet)
             _PROGRAMS[key] = (
@@ -268,16 +265,7 @@ class ChildTrainer:
     def _init(self, model):
         """seed -> a fresh TrainState, as cnnjax.train.init_state makes it (one device)."""
         shape = (1, self.image_size, self.image_size, self.split.channels)
-
-        def init(seed):
-            params_rng, state_rng = jax.random.split(jax.random.key(seed))
-            variables = model.init(params_rng, jnp.zeros(shape, jnp.float32), train=False)
-            params = variables["params"]
-            return train.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                    batch_stats=variables.get("batch_stats", {}),
-                                    opt_state=self.tx.init(params),
-                                    rng=jax.random.key_data(state_rng))
-        return init
+        return train.make_init(model, self.tx, shape)
 
 
 _PROGRAMS: dict[tuple, tuple] = {}  # ChildTrainer._programs: compiled child programs
