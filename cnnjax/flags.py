@@ -17,10 +17,10 @@ import sys
 from typing import Any, Callable, Mapping
 
 
-def fail(message: Any) -> int:
-    """Prints `error: message` on stderr; returns the exit status of bad input, 2."""
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+def fail(message: Any, status: int = 2) -> int:
+    """Prints `error: message` on stderr; returns `status` (default that of bad input, 2)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return status
 
 
 class ArgumentParser(argparse.ArgumentParser):

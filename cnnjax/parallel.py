@@ -8,6 +8,8 @@ axis_name). Each process feeds only its own rows; `global_batch` assembles them.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -29,9 +31,22 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """
     if check_processes(coordinator_address, num_processes, process_id):
         jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
+                                   num_processes=num_processes, process_id=process_id,
+                                   heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
     elif len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1:
-        jax.distributed.initialize()
+        jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
+
+
+# A process that sends no heartbeat for this long is declared dead by JAX's coordination
+# service (JAX's default is 100 s). Heartbeats come from a thread of their own, so a long
+# compile, eval or save does not miss them. The others then stop one of two ways: where a
+# collective failed first (a peer's connection closed), raise_if_peer_lost's LostPeer, exit 1;
+# where they were waiting (at a checkpoint's barrier, in a collective that does not fail), JAX
+# aborts them with its own message, "The following tasks are unhealthy (stopped sending
+# heartbeats): I" (exit status 134). JAX's hook to replace that abort, the client's
+# missed_heartbeat_callback, cannot be called from Python: jaxlib 0.10.2 terminates with
+# std::bad_cast when it fires.
+HEARTBEAT_TIMEOUT_S = 30
 
 
 def check_processes(coordinator_address: str | None, num_processes: int | None,
@@ -111,3 +126,85 @@ def to_host(tree: Any) -> Any:
 
 def is_main_process() -> bool:
     return jax.process_index() == 0
+
+
+class Preemption:
+    """SIGTERM, what TPU VMs and most schedulers send before they take a machine away, as a
+    request to checkpoint and stop: `reached(step)` is True at one step, the same step on every
+    process, and False before the signal.
+
+    Several processes agree through JAX's preemption sync point (its coordination service
+    catches SIGTERM on any process and picks the step after the furthest one reached); a single
+    process catches the signal itself. Call `reached` after every step, on every process."""
+
+    def __init__(self):
+        from jax._src import distributed
+        self.synced = (jax.process_count() > 1
+                       and distributed.global_state.preemption_sync_manager is not None)
+        self.requested = False
+        self._previous = None
+        if not self.synced and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._catch)
+
+    def _catch(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self.synced:
+            from jax.experimental import multihost_utils
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+class LostPeer(RuntimeError):
+    """Another process of a multi-process run died (or stopped answering)."""
+
+
+def live_processes(timeout_s: float) -> list[int] | None:
+    """The processes JAX's coordination service counts as alive, or None when it cannot say
+    within `timeout_s` (a dead process is known once its heartbeat timeout has passed)."""
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is None:
+        return list(range(jax.process_count()))
+    result: list = []
+
+    def ask():
+        try:
+            result.append(sorted(client.get_live_nodes(list(range(jax.process_count())))))
+        except Exception:  # noqa: BLE001 - the service itself may be gone (process 0 lost)
+            result.append(None)
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return result[0] if result else None
+
+
+def raise_if_peer_lost(error: BaseException, step: int, workdir: Any) -> None:
+    """After `error` in a multi-process run: LostPeer naming the lost processes and the last
+    checkpoint committed in WORKDIR when some process is gone (asking the coordination service,
+    up to the heartbeat timeout); returns when all are alive (the error is then the caller's to
+    raise) or in a single process."""
+    n = jax.process_count()
+    if n == 1:
+        return
+    live = live_processes(HEARTBEAT_TIMEOUT_S + 15)
+    if live is not None and len(live) == n:
+        return
+    from cnnjax import checkpoint
+    steps = checkpoint.saved_steps(workdir)  # committed ones, in the file system now
+    kept = (f"The last committed checkpoint is step {steps[-1]}" if steps else
+            "No checkpoint was committed yet")
+    if live is None:
+        who = "the coordination service did not answer (process 0 lost?)"
+    else:
+        lost = [i for i in range(n) if i not in live]
+        who = f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {n} lost"
+    raise LostPeer(f"{who} during step {step}; process {jax.process_index()} stops too "
+                   f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). {kept}: "
+                   "restart every process with the same command to resume") from error

@@ -52,6 +52,8 @@ class TrainConfig:
     warmup_epochs: float = 2.0
     label_smoothing: float = 0.0
     grad_clip_norm: float | None = None
+    max_bad_steps: int = 10             # non-finite steps in a row (each skipped: no update)
+                                        # beyond which the run stops with exit status 1
     aux_loss_weight: float = 0.3        # GoogLeNet's auxiliary heads (Szegedy et al. 2015)
     dtype: str = "float32"              # compute dtype; bfloat16 keeps float32 params and loss
     model_overrides: dict = dataclasses.field(default_factory=dict)
@@ -133,7 +135,8 @@ _RULES: dict[str, flags.Rule] = {  # TrainConfig.validate's per-field checks
     "optimizer": flags.one_of("sgd", "adamw"), "learning_rate": flags.POSITIVE,
     "momentum": flags.FRACTION, "weight_decay": flags.NON_NEGATIVE,
     "warmup_epochs": flags.NON_NEGATIVE, "label_smoothing": flags.FRACTION,
-    "grad_clip_norm": flags.optional(flags.POSITIVE), "aux_loss_weight": flags.NON_NEGATIVE,
+    "grad_clip_norm": flags.optional(flags.POSITIVE), "max_bad_steps": flags.NON_NEGATIVE_INT,
+    "aux_loss_weight": flags.NON_NEGATIVE,
     "dtype": flags.one_of("float32", "bfloat16"), "model_overrides": flags.JSON_OBJECT,
     "seed": flags.UINT32, "log_every": flags.POSITIVE_INT,
     "bn_recalibration_batches": flags.NON_NEGATIVE_INT,
@@ -208,6 +211,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
     return optax.softmax_cross_entropy(logits, targets)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """Whether every element of every floating leaf of `tree` is finite (a scalar bool)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
                schedule: optax.Schedule) -> tuple[Callable, Callable]:
     """The pure train and eval steps (not yet jitted). Settings are read now, not at trace time."""
@@ -229,9 +239,16 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Train
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        new = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                            opt_state=opt_state)
-        return new, {"loss": loss, "lr": schedule(state.step)}
+        # A non-finite loss, gradient or result skips the update: params, optimizer state and
+        # BatchNorm statistics stay as they were (optax.apply_if_finite leaves BN out); only
+        # the step, and with it the data position, moves on.
+        finite = all_finite((loss, grads, params, batch_stats, opt_state))
+        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        new = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            batch_stats=keep(batch_stats, state.batch_stats),
+                            opt_state=keep(opt_state, state.opt_state))
+        return new, {"loss": loss, "lr": schedule(state.step), "finite": finite}
 
     def eval_step(state: TrainState, batch: dict) -> dict:
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
@@ -430,6 +447,8 @@ def check_started_from(record: dict | None, config: TrainConfig, workdir: pathli
             "to resume it; nothing was overwritten.")
 
 
+BEST = "best"  # WORKDIR/best: the checkpoint of the best eval top-1 so far
+
 _MOMENTS = "batch_moments"
 
 
@@ -472,17 +491,24 @@ def recalibrate_batch_norm(state: TrainState, moments_step: Callable, batches) -
     20 BatchNorms into logits of 10^4 and eval losses in the thousands; and with the TensorFlow
     momenta that torchvision keeps for MnasNet (0.9997) and MobileNetV3 (0.99), a run of a few
     hundred steps still holds most of the initial mean 0 / variance 1.
+
+    A batch whose statistics are not finite (a NaN in the data) is left out; with none left
+    the running averages stay. Works eagerly and under jit.
     """
     if not state.batch_stats:
         return state
     total, count = None, 0
     for batch in batches:
         m = moments_step(state, batch)
+        ok = all_finite(m)
+        m = jax.tree_util.tree_map(lambda v: jnp.where(ok, v, 0), m)
         total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
-        count += 1
+        count += ok.astype(jnp.int32)
     if total is None:
         return state
-    return state.replace(batch_stats=jax.tree_util.tree_map(lambda t: t / count, total))
+    stats = jax.tree_util.tree_map(lambda t, old: jnp.where(count > 0, t / jnp.maximum(count, 1),
+                                                            old), total, state.batch_stats)
+    return state.replace(batch_stats=stats)
 
 
 def evaluate(state: TrainState, eval_step: Callable, eval_data, mesh) -> dict[str, float]:
@@ -526,20 +552,17 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     config.workdir = config.workdir or default_workdir(config)
     workdir = pathlib.Path(config.workdir)
     main = parallel.is_main_process()
-    spe = train_data.steps_per_epoch
-    eval_every = config.eval_every or spe
-    checkpoint_every = config.checkpoint_every or spe
-
     check_workdir(workdir, config)  # before anything is written
     resuming = bool(ckpt.saved_steps(workdir))
     if resuming:  # another run's checkpoints are refused before any work
-        checkpoints = ckpt.Checkpointer(workdir)
+        checkpoints = ckpt.Checkpointer(workdir, create=False)
         checkpoints.check_identity(config.identity())
         check_started_from(checkpoints.record(), config, workdir)
     state = init_state(model, tx, config, info.channels, mesh)
     start, started_from, started_line = 0, None, ""  # started_from: what --init_from copied
     if resuming:
         state, record = checkpoints.restore(ckpt.abstract_like(state))
+        checkpoints.close()
         start = int(record["data_position"]["step"])
         started_from = record.get("init_from")
         if started_from:
@@ -547,12 +570,90 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
             started_line = (f"started from {started_from['run']} ({started_from['arch']}, step "
                             f"{started_from['step']}): {started_from['copied_tensors']} tensors "
                             f"of {layers} copied at step 0")
-    else:
-        if config.init_from is not None:  # before the Checkpointer makes the workdir, so a
-            state, started_from, started_line = start_from(state, config)  # misfit leaves none
-        checkpoints = ckpt.Checkpointer(workdir)
+    elif config.init_from is not None:  # before the workdir is made, so a misfit leaves none
+        state, started_from, started_line = start_from(state, config)
+    lock = lock_workdir(workdir, main)  # from here on this run writes to the workdir
+    try:
+        return _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data,
+                      total, train_step, eval_step, workdir, state, start, started_from,
+                      started_line)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_workdir(workdir: pathlib.Path, main: bool) -> ckpt.WorkdirLock | None:
+    """Process 0 takes the workdir's lock and tells the others whether it could: a second run
+    on a workdir in use is refused, on every process, before it writes anything."""
+    lock, error = None, None
     if main:
-        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = ckpt.WorkdirLock(workdir)
+        except ckpt.WorkdirBusy as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        busy = int(multihost_utils.broadcast_one_to_all(jnp.int32(error is not None)))
+        if busy and error is None:
+            error = ckpt.WorkdirBusy(f"--workdir={workdir} is in use by another run (process 0 "
+                                     "found its lock held): nothing was changed")
+    if error is not None:
+        raise error
+    return lock
+
+
+class TooManyBadSteps(RuntimeError):
+    """More non-finite steps in a row than --max_bad_steps allows."""
+
+
+class BadSteps:
+    """Counts the steps the train step skipped (non-finite loss, gradients or update), reading
+    each step's flag one step late so the device always has the next step queued."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.run = limit, 0, []
+        self.pending: list[tuple[int, jax.Array]] = []
+
+    def add(self, step: int, finite: jax.Array) -> None:
+        self.pending.append((step, finite))
+        self.resolve(keep=1)
+
+    def resolve(self, keep: int = 0) -> None:
+        """Reads all but the last `keep` flags; TooManyBadSteps past the limit."""
+        while len(self.pending) > keep:
+            step, finite = self.pending.pop(0)
+            if bool(parallel.to_host(finite)):
+                self.run = []
+                continue
+            self.total += 1
+            self.run.append(step)
+            if len(self.run) > self.limit:
+                raise TooManyBadSteps(
+                    f"step {step}: {len(self.run)} non-finite steps in a row (steps "
+                    f"{self.run[0]}-{step}: NaN or Inf in the loss, gradients or update), more "
+                    f"than --max_bad_steps={self.limit}. Stopped without saving: the last "
+                    "checkpoint holds the last good state. Check the data, lower "
+                    "--learning_rate or set --grad_clip_norm, then rerun to resume")
+
+    def skipped(self, step: int) -> bool:
+        """Whether `step` (resolved) was skipped."""
+        return bool(self.run) and self.run[-1] == step
+
+
+def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data, total,
+           train_step, eval_step, workdir, state, start, started_from, started_line):
+    """train_and_evaluate's loop, run while the workdir's lock is held."""
+    main = parallel.is_main_process()
+    spe = train_data.steps_per_epoch
+    eval_every = config.eval_every or spe
+    checkpoint_every = config.checkpoint_every or spe
+    # Saves write in the background while training goes on; the best eval top-1 is kept too.
+    checkpoints = ckpt.Checkpointer(workdir, asynchronous=True, cleanup=True)
+    best = ckpt.Checkpointer(workdir, max_to_keep=1, subdir=BEST, asynchronous=True,
+                             cleanup=True)
+    best_record = best.record() if best.latest_step() is not None else None
+    best_top1 = best_record["eval"]["eval_top1"] if best_record else -math.inf
+    if main:
         (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
     writer = MetricWriter(workdir, enabled=main)
     progress = Progress(total, enabled=main and verbose)
@@ -578,14 +679,24 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
         batches = (parallel.global_batch(train_data.batch(done + i), mesh) for i in range(n))
         return recalibrate_batch_norm(state, p_moments, batches)
 
+    bad = BadSteps(config.max_bad_steps)
+
+    def checkpoint_record(step: int) -> dict:
+        return {"identity": config.identity(),
+                "data_position": {"step": step, "seed": config.seed, "epoch": step // spe},
+                "config": dataclasses.asdict(config), "init_from": started_from,
+                "model": {"num_classes": info.num_classes, "in_channels": info.channels}}
+
     def save(step: int) -> None:
-        checkpoints.save(step, state, {"identity": config.identity(),
-                                       "data_position": {"step": step, "seed": config.seed,
-                                                         "epoch": step // spe},
-                                       "config": dataclasses.asdict(config),
-                                       "init_from": started_from,
-                                       "model": {"num_classes": info.num_classes,
-                                                 "in_channels": info.channels}})
+        bad.resolve()  # a run past --max_bad_steps stops before it saves
+        checkpoints.save(step, state, checkpoint_record(step))
+
+    def save_if_best(step: int) -> None:
+        nonlocal best_top1
+        if eval_metrics["eval_top1"] > best_top1:
+            bad.resolve()
+            best_top1 = eval_metrics["eval_top1"]
+            best.save(step, state, {**checkpoint_record(step), "eval": eval_metrics})
 
     t_start = time.perf_counter()
     clock = {"t": t_start, "step": start}
@@ -597,12 +708,14 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
         for kind, key in (("train", "loss"), ("eval", "eval_loss")):
             if key in record:
                 monitor.check(kind, record["step"], record[key])
+    bad.total = max((r.get("skipped_steps", 0) for r in past), default=0)
     max_eval_loss = max((r["eval_loss"] for r in past if "eval_loss" in r), default=-math.inf)
 
     def periodic(done: int, metrics: dict) -> None:
         nonlocal state, eval_metrics, max_eval_loss
         if done % config.log_every == 0 or done == total:
             metrics = parallel.to_host(metrics)
+            bad.resolve()
             now = time.perf_counter()
             dt, steps = max(now - clock["t"], 1e-9), max(done - clock["step"], 1)
             img_per_s = steps * config.batch_size / dt
@@ -610,10 +723,18 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
                 train_time["s"] += dt
                 train_time["images"] += steps * config.batch_size
             loss = float(metrics["loss"])
-            flag = monitor.check("train", done, loss)
-            writer.write({"step": done, "loss": loss, "lr": float(metrics["lr"]),
-                          "img_per_s": img_per_s})
-            if flag:
+            record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
+                      "img_per_s": img_per_s}
+            if bad.skipped(done):  # its loss is not finite; its update was not applied
+                del record["loss"]
+                flag = ""
+            else:
+                flag = monitor.check("train", done, loss)
+            if bad.total:
+                record["skipped_steps"] = bad.total
+                flag = " ".join(filter(None, [flag, f"skipped {bad.total} non-finite step(s)"]))
+            writer.write(record)
+            if flag.startswith("BLOW-UP"):
                 writer.write({"step": done, "blowup_train_loss": loss})
             progress.update(done, loss, img_per_s, dt / steps, flag)
             clock.update(t=now, step=done)
@@ -627,6 +748,7 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
             writer.write({"step": done, **{k: eval_metrics[k] for k in
                                            ("eval_loss", "eval_top1", "eval_top5")}})
             max_eval_loss = max(max_eval_loss, eval_metrics["eval_loss"])
+            save_if_best(done)
             flag = monitor.check("eval", done, eval_metrics["eval_loss"])
             if flag:
                 writer.write({"step": done, "blowup_eval_loss": eval_metrics["eval_loss"]})
@@ -636,18 +758,29 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
         clock["t"] += time.perf_counter() - paused  # evals and saves are not training time
 
     end = total if stop_after is None else min(total, start + stop_after)
-    done = start
+    done, stopped = start, ""
+    preemption = parallel.Preemption()
     try:
         for step, local in train_data.iterate(start, end - start):
-            state, metrics = p_train(state, parallel.global_batch(local, mesh))
-            done = step + 1
-            periodic(done, metrics)
+            try:
+                state, metrics = p_train(state, parallel.global_batch(local, mesh))
+                done = step + 1
+                bad.add(done, metrics["finite"])
+                periodic(done, metrics)
+            except (TooManyBadSteps, KeyboardInterrupt):
+                raise
+            except Exception as e:  # a collective that failed: is a process gone?
+                parallel.raise_if_peer_lost(e, done + 1, workdir)
+                raise
             if done == start + 1:  # keep compilation out of later images/s figures
                 jax.block_until_ready(metrics)
                 progress.message(f"first step (with compilation): "
                                  f"{time.perf_counter() - t_start:.1f} s")
                 clock.update(t=time.perf_counter(), step=done)
-        if done < total:  # stopped early on request
+            if done < total and preemption.reached(done):
+                stopped = "preempted"
+                break
+        if done < total:  # stopped early: on request, or preempted
             save(done)
     except KeyboardInterrupt:
         try:
@@ -657,22 +790,32 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
             progress.message("interrupted mid-step: the last periodic checkpoint is kept")
         raise
     finally:
-        checkpoints.close()
-        writer.close()
+        preemption.close()
+        try:
+            checkpoints.close()  # waits for the last save to commit
+        finally:
+            best.close()
+            writer.close()
     if done < total:
-        progress.message(f"stopped at step {done}/{total}; checkpoint saved, rerun to resume")
-        return {"arch": config.arch, "dataset": config.dataset, "steps": done, "state": state}
+        why = ("preempted (SIGTERM): every process saved step " + str(done) if stopped
+               else f"stopped at step {done}/{total}")
+        progress.message(f"{why}; checkpoint saved, rerun the same command to resume")
+        return {"arch": config.arch, "dataset": config.dataset, "steps": done, "state": state,
+                "preempted": bool(stopped), "skipped_steps": bad.total}
     if start >= total:  # nothing left to train: report the finished run
         eval_metrics = evaluate(state, p_eval, eval_data, mesh)
     summary = {"arch": config.arch, "dataset": config.dataset, "steps": total,
                "wall_s": time.perf_counter() - t_start, **eval_metrics,
                "max_eval_loss": max(max_eval_loss, eval_metrics["eval_loss"]),
                "img_per_s": (train_time["images"] / train_time["s"]) if train_time["s"] else None,
-               "blowups": monitor.events}
+               "blowups": monitor.events, "skipped_steps": bad.total}
     if started_from:
         summary["init_from"] = started_from
     if monitor.events:
         progress.message(monitor.summary())
+    if bad.total:
+        progress.message(f"warning: {bad.total} step(s) skipped for a non-finite loss, "
+                         "gradient or update (see skipped_steps in metrics.jsonl)")
     progress.message(
         f"done: {config.arch} step {total}: eval top-1 {summary.get('eval_top1', 0):.2%}, "
         f"top-5 {summary.get('eval_top5', 0):.2%}, loss {summary.get('eval_loss', 0):.4f} "
@@ -683,20 +826,29 @@ def train_and_evaluate(config: TrainConfig, *, verbose: bool = True,
     return {**summary, "state": state}
 
 
-def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None
-                    ) -> tuple[nn.Module, dict, dict]:
+def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None, *,
+                    best: bool = False) -> tuple[nn.Module, dict, dict]:
     """(model, variables, record) of a run's checkpoint, for inference or fine-tuning:
     `model.apply(variables, x, train=False)`. Works on any machine, whatever trained it.
+    `best=True` reads the checkpoint of the run's best eval top-1 (its record["eval"] holds
+    that eval) instead of the latest.
 
     checkpoint.NoCheckpoint (a FileNotFoundError) when WORKDIR holds no finished checkpoint,
     ValueError for a step it did not save (the message lists those it did); nothing is created
     or changed in WORKDIR."""
     steps = ckpt.require_saved(workdir)
-    where = pathlib.Path(workdir).resolve() / "checkpoints"
+    subdir = "checkpoints"
+    if best:
+        subdir = BEST
+        steps = ckpt.saved_steps(workdir, BEST)
+        if not steps:
+            raise ckpt.NoCheckpoint(f"{workdir} holds no best checkpoint (no {BEST}/STEP): the "
+                                    "run has not evaluated yet")
+    where = pathlib.Path(workdir).resolve() / subdir
     if step is not None and step not in steps:
         raise ValueError(f"{where} has no checkpoint of step {step}; saved steps: "
                          f"{', '.join(map(str, steps))}")
-    state, record = ckpt.Checkpointer(workdir, create=False).restore_on_host(step)
+    state, record = ckpt.Checkpointer(workdir, create=False, subdir=subdir).restore_on_host(step)
     config = TrainConfig(**record["config"])
     model = config.create_model(dtype=jnp.dtype(config.dtype), **record["model"])
     variables = {"params": state["params"]}

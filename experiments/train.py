@@ -7,12 +7,17 @@
     python -m experiments.train --arch_spec=runs/nas/best_spec.json   # a searched network
 
 Multi-process off a pod: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
-Rerunning with the same --workdir resumes from its latest checkpoint.
+Rerunning with the same --workdir resumes from its latest checkpoint. On SIGTERM (preemption)
+every process saves the same step and exits 0; a step whose loss or gradients are not finite is
+skipped, and more than --max_bad_steps of them in a row stop the run with exit status 1; a lost
+process stops the others with exit status 1; a second run on a --workdir in use is refused.
+Checkpoints are written in the background; WORKDIR/best keeps the one of the best eval top-1.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -56,14 +61,23 @@ def make_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse's errors: one line, exit status 2
     from cnnjax import parallel
-    from cnnjax.train import train_and_evaluate
+    from cnnjax.checkpoint import CheckpointError
+    from cnnjax.train import TooManyBadSteps, train_and_evaluate
     try:
         config = make_config(args)
         config.validate()  # every flag, before any JAX call, data preparation or write
         parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
-        train_and_evaluate(config, verbose=not args.quiet)
-    except ValueError as e:  # bad input: one clear line, no traceback
+        train_and_evaluate(config, verbose=not args.quiet)  # SIGTERM: saves, then returns
+    except ValueError as e:  # bad input, a workdir in use: one clear line, no traceback
         return flags.fail(e)
+    except (TooManyBadSteps, CheckpointError) as e:
+        return flags.fail(e, status=1)
+    except parallel.LostPeer as e:
+        flags.fail(e, status=1)
+        sys.stdout.flush()
+        # Not sys.exit: JAX's exit handler would wait for the lost process at a shutdown
+        # barrier until its heartbeat timeout, then abort.
+        os._exit(1)
     return 0
 
 
