@@ -4,7 +4,6 @@ two), a process killed mid-run, a checkpoint moved to another topology, two runs
 A tiny searched network (cnnjax.nas, two conv layers on 8x8 digits) stands in for a model: what
 is tested is the training system, and its steps cost milliseconds, so the faults land mid-run."""
 import contextlib
-import io
 import json
 import os
 import pathlib
@@ -21,7 +20,7 @@ import pytest
 from flax import serialization
 
 from cnnjax import checkpoint, data, parallel, train
-from experiments import train as train_cli
+from helpers import cli, free_port, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC = {"space": {"num_layers": 2, "input_size": 8},
@@ -34,17 +33,6 @@ def spec_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("spec") / "tiny.json"
     path.write_text(json.dumps(SPEC))
     return str(path)
-
-
-def cli(*args):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = train_cli.main(list(args))
-    return code, err.getvalue()
-
-
-def read_metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
 
 
 def losses(workdir) -> list[tuple[int, float]]:
@@ -228,20 +216,13 @@ def env(devices: int) -> dict:
     return e
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(args, processes=1, devices=1):
     """The real CLI: `processes` processes on 127.0.0.1 (each with `devices` CPU devices)."""
     base = [sys.executable, "-m", "experiments.train", *args]
     if processes == 1:
         return [subprocess.Popen(base, env=env(devices), cwd=ROOT, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)]
-    port = _free_port()
+    port = free_port()
     return [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}",
                                      f"--num_processes={processes}", f"--process_id={i}"],
                              env=env(devices), cwd=ROOT, stdout=subprocess.PIPE,

@@ -1,12 +1,9 @@
 """The training system: topology independence, multi-host, resume, learning, bad input."""
-import contextlib
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -19,6 +16,7 @@ import pytest
 
 from cnnjax import checkpoint, data, parallel, train
 from experiments import train as train_cli
+from helpers import cli, free_port, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -37,17 +35,6 @@ def env(devices: int) -> dict:
              PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"))
     e.pop("JAX_NUM_CPU_DEVICES", None)
     return e
-
-
-def cli(*args, **kw):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = train_cli.main(list(args))
-    return code, err.getvalue()
-
-
-def read_metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
 
 
 def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir):
@@ -69,12 +56,6 @@ def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir):
     assert r["bn_identical_on_devices"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_as_many_devices(data_dir, tmp_path):
     """2 processes x 1 CPU device run 3 steps of the real CLI; 1 process x 2 devices agrees
@@ -91,7 +72,7 @@ def test_two_processes_equal_one_process_with_as_many_devices(data_dir, tmp_path
     common = ["-m", "experiments.train", "--arch=resnet18", f"--data_dir={data_dir}",
               "--batch_size=16", "--num_steps=3", "--log_every=1", "--eval_every=3",
               "--bn_recalibration_batches=2", "--quiet"]
-    port = _free_port()
+    port = free_port()
     procs = [subprocess.Popen(
         [sys.executable, *common, f"--workdir={tmp_path / 'multi'}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
