@@ -193,7 +193,8 @@ def test_a_failed_save_is_one_clear_error_and_the_last_checkpoint_stays(
                          env=env(1), cwd=ROOT, capture_output=True, text=True, timeout=600,
                          preexec_fn=small_files)
     assert out.returncode == 1, out.stderr[-3000:]
-    last = out.stderr.strip().splitlines()[-1]
+    # orbax's background thread logs its own traceback too, possibly after cnnjax's line
+    last = [l for l in out.stderr.splitlines() if l.startswith("error: ")][-1]
     kept = checkpoint.saved_steps(tmp_path)[-1]
     assert re.match(rf"error: saving step (\d+) in {re.escape(str(tmp_path.resolve()))}"
                     r"/checkpoints failed \(ValueError: .*File too large", last), last
@@ -289,7 +290,7 @@ def test_a_killed_process_stops_the_other_with_a_message(spec_file, data_dir, tm
     assert time.monotonic() - killed < parallel.HEARTBEAT_TIMEOUT_S + 30
     procs[1].communicate()
     step = checkpoint.saved_steps(tmp_path)[-1]
-    assert step >= 10
+    assert step >= 5  # 10 too, unless process 1 died before committing it (saves are async)
     if procs[0].returncode == 1:  # a collective failed first: cnnjax's message
         last = [l for l in err.splitlines() if l.startswith("error: ")][-1]
         assert re.match(r"error: process 1 of 2 lost during step \d+; process 0 stops too",
