@@ -767,7 +767,7 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
                 done = step + 1
                 bad.add(done, metrics["finite"])
                 periodic(done, metrics)
-            except (TooManyBadSteps, KeyboardInterrupt):
+            except (TooManyBadSteps, KeyboardInterrupt, ckpt.CheckpointError):
                 raise
             except Exception as e:  # a collective that failed: is a process gone?
                 parallel.raise_if_peer_lost(e, done + 1, workdir)
