@@ -90,9 +90,14 @@ class Checkpointer:
         self.asynchronous = asynchronous
         self.last_saved: int | None = None  # this object's latest save, committed or not
         self._pending: int | None = None
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=create,
-                                               enable_async_checkpointing=asynchronous,
-                                               cleanup_tmp_directories=cleanup)
+        # Orbax names its cross-process barriers by purpose only ("set_value_start", ...); two
+        # managers of one run (checkpoints/ and best/) would wait at each other's barriers.
+        # The subdir keeps each manager's barriers its own.
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=create, enable_async_checkpointing=asynchronous,
+            cleanup_tmp_directories=cleanup,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=subdir))
         self.manager = ocp.CheckpointManager(
             self.directory, options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(),

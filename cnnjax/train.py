@@ -687,8 +687,11 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
                 "config": dataclasses.asdict(config), "init_from": started_from,
                 "model": {"num_classes": info.num_classes, "in_channels": info.channels}}
 
+    # One save in flight at a time across both managers: their background threads then never
+    # meet at cross-process barriers in different orders on different processes.
     def save(step: int) -> None:
         bad.resolve()  # a run past --max_bad_steps stops before it saves
+        best.wait()
         checkpoints.save(step, state, checkpoint_record(step))
 
     def save_if_best(step: int) -> None:
@@ -696,11 +699,12 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
         if eval_metrics["eval_top1"] > best_top1:
             bad.resolve()
             best_top1 = eval_metrics["eval_top1"]
+            checkpoints.wait()
             best.save(step, state, {**checkpoint_record(step), "eval": eval_metrics})
 
     t_start = time.perf_counter()
-    clock = {"t": t_start, "step": start}
-    train_time = {"s": 0.0, "images": 0}  # steady-state stepping only: no compile, eval, saves
+    clock = {"t": t_start, "step": start, "wait": 0.0}  # wait: seconds spent waiting for data
+    train_time = {"s": 0.0, "images": 0, "wait": 0.0}  # steady state: no compile, eval, saves
     eval_metrics: dict[str, float] = {}
     monitor = BlowUpMonitor(info.num_classes)
     past = writer.history(upto=start)  # a resumed run keeps the losses it has seen
