@@ -14,14 +14,38 @@ import cnnjax
 # compiling their backward pass took 40-95 s each on a 2-core CPU, so they run the eval forward.
 HEAVY = {"resnet152", "se_resnet152", "resnext101_32x8d", "resnet101", "se_resnet101",
          "wide_resnet50_2", "densenet161", "densenet169", "densenet201"}
-LIGHT = [n for n in cnnjax.list_models() if n not in HEAVY]
+# Variants that repeat a sibling's modules with other block counts, widths or group counts: the
+# sibling's train step here covers their code (test_variants_use_no_layer_kind_their_sibling_lacks
+# checks that), tests/test_reference.py their exact parameters and multiply-adds, and the
+# shape and dtype tests below every model. Compiling each one's backward pass cost 11-27 s.
+SIBLINGS = {
+    "vgg13": "vgg11", "vgg16": "vgg11", "vgg19": "vgg11",
+    "vgg13_bn": "vgg11_bn", "vgg16_bn": "vgg11_bn", "vgg19_bn": "vgg11_bn",
+    "resnet34": "resnet18", "se_resnet34": "se_resnet18",
+    "resnet101": "resnet152", "se_resnet101": "se_resnet152", "densenet169": "densenet201",
+    "shufflenet_v1_g2": "shufflenet_v1_g3", "shufflenet_v1_g4": "shufflenet_v1_g3",
+    "shufflenet_v1_g8": "shufflenet_v1_g3", "shufflenet_v2_x1_0": "shufflenet_v2_x0_5",
+    "shufflenet_v2_x1_5": "shufflenet_v2_x0_5", "shufflenet_v2_x2_0": "shufflenet_v2_x0_5",
+    "mnasnet1_0": "mnasnet0_5", "mobilenet_v3_large": "mobilenet_v3_small",
+}
+LIGHT = [n for n in cnnjax.list_models() if n not in HEAVY and n not in SIBLINGS]
+
+
+@pytest.mark.parametrize("variant, sibling", sorted(SIBLINGS.items()))
+def test_variants_use_no_layer_kind_their_sibling_lacks(variant, sibling):
+    def kinds(name):
+        model = cnnjax.create_model(name)
+        layers = cnnjax.profile(name, small_size(model)).layers
+        return {(layer.kind, layer.kernel, layer.stride) for layer in layers}
+    assert sibling in LIGHT or sibling in HEAVY
+    assert kinds(variant) <= kinds(sibling)
 
 
 def small_size(model) -> int:
     return max(model.min_input_size, 32)
 
 
-@pytest.mark.parametrize("name", sorted(HEAVY))
+@pytest.mark.parametrize("name", sorted(HEAVY - set(SIBLINGS)))
 def test_deep_variants_run_forward_to_finite_logits(name):
     model = cnnjax.create_model(name, num_classes=10)
     size = small_size(model)
