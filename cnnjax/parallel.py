@@ -7,10 +7,11 @@ axis_name). Each process feeds only its own rows; `global_batch` assembles them.
 """
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -100,6 +101,19 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local.items()}
+
+
+def prefetch_to_device(batches: Iterable[tuple[int, dict[str, np.ndarray]]], mesh: Mesh,
+                       size: int = 2) -> Iterator[tuple[int, dict[str, jax.Array]]]:
+    """(step, global batch) for each (step, local batch), `size` batches ahead: the copies to
+    the devices of the next steps overlap the step in flight."""
+    queue: collections.deque = collections.deque()
+    for step, local in batches:
+        queue.append((step, global_batch(local, mesh)))
+        if len(queue) >= size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

@@ -15,7 +15,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -306,14 +306,15 @@ class Progress:
         self.tty = stream.isatty()
 
     def update(self, step: int, loss: float, img_per_s: float, seconds_per_step: float,
-               flag: str = "") -> None:
+               flag: str = "", data_wait: float = 0.0) -> None:
         if not self.enabled:
             return
         eta = time.strftime("%H:%M:%S", time.gmtime(max(self.total - step, 0) * seconds_per_step))
         width = 24
         done = int(width * step / max(self.total, 1))
         line = (f"[{'#' * done}{'.' * (width - done)}] step {step}/{self.total}  loss {loss:.4f}"
-                f"  {img_per_s:,.0f} img/s  ETA {eta}" + (f"  {flag}" if flag else ""))
+                f"  {img_per_s:,.0f} img/s  data {data_wait:.0%}  ETA {eta}"
+                + (f"  {flag}" if flag else ""))
         self.stream.write(("\r" + line) if self.tty else line + "\n")
         self.stream.flush()
 
@@ -640,6 +641,20 @@ class BadSteps:
         return bool(self.run) and self.run[-1] == step
 
 
+def waiting(iterator: Iterator, clock: dict) -> Iterator:
+    """The items of `iterator`, adding the seconds spent waiting for each to clock["wait"]."""
+    iterator = iter(iterator)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        finally:
+            clock["wait"] += time.perf_counter() - t
+        yield item
+
+
 def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data, total,
            train_step, eval_step, workdir, state, start, started_from, started_line):
     """train_and_evaluate's loop, run while the workdir's lock is held."""
@@ -676,7 +691,7 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
         """Fresh BatchNorm statistics from the next training batches (a pure function of the
         step, so a resumed run recalibrates exactly as an unbroken one)."""
         n = config.bn_recalibration_batches
-        batches = (parallel.global_batch(train_data.batch(done + i), mesh) for i in range(n))
+        batches = (parallel.global_batch(b, mesh) for _, b in train_data.iterate(done, n))
         return recalibrate_batch_norm(state, p_moments, batches)
 
     bad = BadSteps(config.max_bad_steps)
@@ -723,12 +738,14 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
             now = time.perf_counter()
             dt, steps = max(now - clock["t"], 1e-9), max(done - clock["step"], 1)
             img_per_s = steps * config.batch_size / dt
+            data_wait = min(clock["wait"] / dt, 1.0)
             if clock["step"] > start:  # the window after the first (compiling) step
                 train_time["s"] += dt
                 train_time["images"] += steps * config.batch_size
+                train_time["wait"] += clock["wait"]
             loss = float(metrics["loss"])
             record = {"step": done, "loss": loss, "lr": float(metrics["lr"]),
-                      "img_per_s": img_per_s}
+                      "img_per_s": img_per_s, "data_wait": data_wait}
             if bad.skipped(done):  # its loss is not finite; its update was not applied
                 del record["loss"]
                 flag = ""
@@ -740,8 +757,8 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
             writer.write(record)
             if flag.startswith("BLOW-UP"):
                 writer.write({"step": done, "blowup_train_loss": loss})
-            progress.update(done, loss, img_per_s, dt / steps, flag)
-            clock.update(t=now, step=done)
+            progress.update(done, loss, img_per_s, dt / steps, flag, data_wait)
+            clock.update(t=now, step=done, wait=0.0)
         evaluating = done % eval_every == 0 or done == total
         if evaluating or done % checkpoint_every == 0:
             jax.block_until_ready(state)  # the steps in flight are training time, not the pause
@@ -765,9 +782,10 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
     done, stopped = start, ""
     preemption = parallel.Preemption()
     try:
-        for step, local in train_data.iterate(start, end - start):
+        batches = parallel.prefetch_to_device(train_data.iterate(start, end - start), mesh)
+        for step, batch in waiting(batches, clock):
             try:
-                state, metrics = p_train(state, parallel.global_batch(local, mesh))
+                state, metrics = p_train(state, batch)
                 done = step + 1
                 bad.add(done, metrics["finite"])
                 periodic(done, metrics)
@@ -780,7 +798,7 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
                 jax.block_until_ready(metrics)
                 progress.message(f"first step (with compilation): "
                                  f"{time.perf_counter() - t_start:.1f} s")
-                clock.update(t=time.perf_counter(), step=done)
+                clock.update(t=time.perf_counter(), step=done, wait=0.0)
             if done < total and preemption.reached(done):
                 stopped = "preempted"
                 break
@@ -812,6 +830,7 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
                "wall_s": time.perf_counter() - t_start, **eval_metrics,
                "max_eval_loss": max(max_eval_loss, eval_metrics["eval_loss"]),
                "img_per_s": (train_time["images"] / train_time["s"]) if train_time["s"] else None,
+               "data_wait": (train_time["wait"] / train_time["s"]) if train_time["s"] else None,
                "blowups": monitor.events, "skipped_steps": bad.total}
     if started_from:
         summary["init_from"] = started_from

@@ -404,7 +404,7 @@ def test_named_dataset_array_record(tmp_path, monkeypatch, cls):
     info = data.dataset_info("tiny", data_dir=d)
     assert (info.num_train, info.num_test, info.channels, info.num_classes) == (24, 7, 3, 3)
     assert info.image_size == (12 if cls is TinyFixed else None)
-    assert (sources.ArraySource if cls is TinyFixed else sources.RecordSource) is type(
+    assert (sources.ArraySource if cls is TinyFixed else sources.EncodedSource) is type(
         data.Loader("tiny", "test", data_dir=d, image_size=4, global_batch_size=8)._source)
     spec = data.DATASETS["tiny"]
     mean, std = np.array(spec.mean, np.float32), np.array(spec.std, np.float32)

@@ -172,6 +172,12 @@ BENCHMARK_CASES = {
     "dtype": ([R18, "--dtype=float16"], "argument --dtype: invalid choice: 'float16'"),
     "mode": ([R18, "--mode=infer"], "argument --mode: invalid choice: 'infer'"),
     "memory_efficient": ([R18, "--memory_efficient"], "resnet18 has no option 'memory_efficient'"),
+    "input without dataset": (["--mode=input"], "the following arguments are required: --dataset"),
+    "workers=0": (["--mode=input", "--dataset=imagenet2012", "--workers=0"],
+                  "--workers=0 must be a positive integer"),
+    "input digits": (["--mode=input", "--dataset=digits"],
+                     "--dataset=digits is held decoded in memory; --mode=input measures"),
+    "input unknown": (["--mode=input", "--dataset=imagenet"], "unknown dataset 'imagenet'"),
     "unknown flag": ([R18, "--stepz=3"],
                      "unrecognized arguments: --stepz=3; did you mean --steps?"),
     "abbreviation": ([R18, "--step=3"],  # argparse would silently take it as --steps

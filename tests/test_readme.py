@@ -51,3 +51,12 @@ def test_zoo_runs_the_readme_command_first_and_marks_what_is_not_measured():
     assert "| alexnet | 0 | not measured yet |" in text and "| vgg16 | 0 | 97.00% |" in text
     low = zoo.render([{**done, "top1": 0.775}])
     assert "0 of 1 runs reach the 95% bar" in low and "| vgg16 | 0 | 77.50% (below the bar) |" in low
+
+
+def test_readme_input_table_was_written_by_the_benchmark():
+    from experiments import benchmark
+    table = README.split(benchmark.INPUT_START)[1].split(benchmark.INPUT_END)[0].strip()
+    assert table.startswith("`python -m experiments.benchmark --mode=input "), (
+        "python -m experiments.benchmark --mode=input ... --readme=README.md writes it")
+    assert "| workers | cnnjax img/s (median) | per worker | reference img/s (median) | ratio |" \
+        in table

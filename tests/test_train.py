@@ -137,7 +137,8 @@ def test_metrics_jsonl_and_workdir_contents(data_dir, tmp_path):
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_top1" in r]
     assert [r["step"] for r in steps] == [2, 4] and [r["step"] for r in evals] == [2, 4]
-    assert set(steps[0]) == {"step", "loss", "lr", "img_per_s"}
+    assert set(steps[0]) == {"step", "loss", "lr", "img_per_s", "data_wait"}
+    assert all(0 <= r["data_wait"] <= 1 for r in steps)
     assert set(evals[0]) == {"step", "eval_loss", "eval_top1", "eval_top5"}
     assert steps[1]["lr"] > steps[0]["lr"] > 0  # warming up
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))

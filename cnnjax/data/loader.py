@@ -6,6 +6,9 @@ global batch `step` is the next global_batch_size rows of it (remainder dropped)
 P takes its contiguous 1/P of them. Each example's crop and flip are keyed by (seed, e, example),
 so concatenating the processes' batches gives exactly the one-process batch.
 Eval: the split in order, every example once, the last batch padded with zeros and mask 0.
+
+In-memory splits (digits, CIFAR) are cropped and resized in NumPy (`transforms`); photos are
+decoded on tf.data (`records`) from the same per-example boxes.
 """
 from __future__ import annotations
 
@@ -16,9 +19,8 @@ from typing import Iterator
 
 import numpy as np
 
-from cnnjax.data import sources, transforms
+from cnnjax.data import records, sources, transforms
 
-_ROWS_PER_TASK = {"array": 64, "record": 4}  # below this a thread hand-off costs more than it saves
 _SYNTHETIC_POOL = 16  # distinct synthetic images; examples pick one by a hash of their index
 
 
@@ -40,7 +42,7 @@ class Loader:
     def __init__(self, name: str, split: str = "train", *, data_dir: str | None = None,
                  image_size: int | None = None, global_batch_size: int = 128,
                  train: bool | None = None, seed: int = 0, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 2):
+                 process_count: int = 1, prefetch: int = 2, workers: int | None = None):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         if process_count < 1 or not 0 <= process_index < process_count:
@@ -50,6 +52,8 @@ class Loader:
                              f"multiple of process_count {process_count}")
         if seed < 0:
             raise ValueError("seed must be >= 0")
+        if workers is not None and workers < 1:
+            raise ValueError(f"workers must be >= 1, not {workers}")
         self.name, self.split, self.seed = name, split, int(seed)
         self.data_dir = sources.default_data_dir(data_dir)
         self.info = dataset_info(name, self.data_dir)
@@ -59,6 +63,7 @@ class Loader:
         self.process_index, self.process_count = process_index, process_count
         self.local_batch_size = global_batch_size // process_count
         self.prefetch = max(1, prefetch)
+        self.workers = workers or records.default_workers()
 
         settings = sources.parse_synthetic(name)
         if settings is not None:
@@ -112,9 +117,16 @@ class Loader:
 
     # --- batches ----------------------------------------------------------------------------
 
+    @property
+    def decodes_records(self) -> bool:
+        """Whether batches are decoded on tf.data (encoded photos) rather than in NumPy."""
+        return isinstance(getattr(self, "_source", None), sources.EncodedSource)
+
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """This process's rows of global batch `step`: image float32 (b, S, S, C) normalised,
         label int32 (b,), mask float32 (b,) (0 on eval padding)."""
+        if self.decodes_records:
+            return next(self._decoded(range(step, step + 1)))[1]
         idx = self.indices(step)
         valid = idx >= 0
         s, b = self.image_size, self.local_batch_size
@@ -128,38 +140,52 @@ class Loader:
             if self.train:
                 key = transforms.hash_key(self.seed, step // self.steps_per_epoch, 1)
                 u = transforms.uniforms(key, rows, transforms.NUM_DRAWS)
-            kind = "array" if isinstance(self._source, sources.ArraySource) else "record"
-            tasks = max(1, min(sources.NUM_THREADS,
-                               len(rows) // _ROWS_PER_TASK[kind]))
-            parts = np.array_split(np.arange(len(rows)), tasks)
-            if tasks == 1:
-                results = [self._load(rows, u)]
-            else:
-                results = list(sources.thread_pool().map(
-                    lambda p: self._load(rows[p], None if u is None else u[p]), parts))
-            dest = np.flatnonzero(valid)
-            for p, (im, lab) in zip(parts, results):
-                image[dest[p]], label[dest[p]] = im, lab
+            image[valid], label[valid] = self._load(rows, u)
         return {"image": image, "label": label, "mask": valid.astype(np.float32)}
 
     def _load(self, rows: np.ndarray, u: np.ndarray | None):
-        """Read, crop, resize and normalise the given examples (one thread's share)."""
-        src, s = self._source, self.image_size
-        if isinstance(src, sources.ArraySource):
-            images, labels = src.images[rows], src.labels[rows]
-            n, h, w, _ = images.shape
-            boxes, flip = self._boxes(np.full(n, h), np.full(n, w), u)
-            out = transforms.resize_batch(images, boxes, s, flip)
-        else:
-            images, labels = src.read(rows)
-            heights = np.array([im.shape[0] for im in images])
-            widths = np.array([im.shape[1] for im in images])
-            boxes, flip = self._boxes(heights, widths, u)
-            out = np.empty((len(images), s, s, self.info.channels), np.float32)
-            for i, im in enumerate(images):
-                out[i] = transforms.resize_batch(
-                    im[None], boxes[i:i + 1], s, None if flip is None else flip[i:i + 1])[0]
+        """Crop, resize and normalise in-memory examples."""
+        images, labels = self._source.images[rows], self._source.labels[rows]
+        n, h, w, _ = images.shape
+        boxes, flip = self._boxes(np.full(n, h), np.full(n, w), u)
+        out = transforms.resize_batch(images, boxes, self.image_size, flip)
         return out * self._scale + self._offset, labels
+
+    def plan(self, step: int) -> tuple[np.ndarray, ...]:
+        """What the record path decodes for `step`, one row per local example: encoded images
+        (object array of bytes, b"" for padding), geometry int32 (train: the crop window
+        (y, x, h, w); eval: `records.eval_geometry`), flips, labels and mask."""
+        idx = self.indices(step)
+        valid = idx >= 0
+        rows = idx[valid]
+        b = self.local_batch_size
+        encoded = np.full(b, b"", object)
+        geometry = np.zeros((b, 4), np.int32)
+        flip = np.zeros(b, bool)
+        label = np.zeros(b, np.int32)
+        if len(rows):
+            images, label[valid] = self._source.read(rows)
+            encoded[valid] = images
+            hw = np.array([records.image_size_of(im) for im in images])
+            if self.train:
+                key = transforms.hash_key(self.seed, step // self.steps_per_epoch, 1)
+                u = transforms.uniforms(key, rows, transforms.NUM_DRAWS)
+                boxes, flips = self._boxes(hw[:, 0], hw[:, 1], u)
+                geometry[valid] = records.windows(boxes, hw[:, 0], hw[:, 1])
+                if flips is not None:
+                    flip[valid] = flips
+            else:
+                geometry[valid] = records.eval_geometry(hw[:, 0], hw[:, 1], self.image_size,
+                                                        self._spec.eval_crop)
+        return encoded, geometry, flip, label, valid.astype(np.float32)
+
+    def _decoded(self, steps: range) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        return records.iterate(
+            self.plan, steps, size=self.image_size, channels=self.info.channels,
+            train=self.train, antialias=self._spec.train_antialias,
+            batch_size=self.local_batch_size, scale=self._scale,
+            offset=self._offset, workers=self.workers, prefetch=self.prefetch,
+            describe=lambda step: f"{self.name}/{self.split} step {step}")
 
     def _boxes(self, heights, widths, u):
         spec = self._spec
@@ -192,6 +218,9 @@ class Loader:
         stop = None if num_steps is None else start_step + num_steps
         if not self.train:
             stop = self.steps_per_epoch if stop is None else min(stop, self.steps_per_epoch)
+        if self.decodes_records:
+            yield from self._decoded(range(start_step, (1 << 62) if stop is None else stop))
+            return
         q: queue.Queue = queue.Queue(self.prefetch)
         done = threading.Event()
 

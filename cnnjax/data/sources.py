@@ -56,6 +56,7 @@ class Spec:
     train_scale: tuple[float, float] = (0.08, 1.0)   # random-resized-crop area fraction
     train_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: bool = True
+    train_antialias: bool = False     # photos: antialias the train crop's resize (see records)
     eval_crop: float | None = 0.875   # None: resize the whole image (tiny fixed-size datasets)
     make_builder: Callable[[str], Any] | None = None  # default: tfds.builder(tfds_name, ...)
     offline: bool = False             # prepared from local files only (no probe, no download)
@@ -306,9 +307,24 @@ class RecordSource:
         return image[..., :self.channels]
 
 
+class EncodedSource:
+    """Random access to a split through TFDS (array_record), images left encoded (bytes):
+    the record path decodes them on tf.data, cropping while it decodes."""
+
+    def __init__(self, data_source):
+        self.source = data_source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def read(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        records = self.source.__getitems__([int(i) for i in indices])
+        return [r["image"] for r in records], np.array([r["label"] for r in records], np.int32)
+
+
 @functools.lru_cache(maxsize=1)
 def thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """One pool for all loaders: PIL decoding and NumPy matmuls release the GIL."""
+    """For decoding a small split into memory once: PIL decoding releases the GIL."""
     return concurrent.futures.ThreadPoolExecutor(NUM_THREADS, thread_name_prefix="cnnjax-data")
 
 
@@ -332,11 +348,13 @@ def _array_split(name: str, data_dir: str, split: str) -> ArraySource:
     return ArraySource(images, np.concatenate([p[1] for p in parts]))
 
 
-def open_split(name: str, data_dir: str, split: str) -> ArraySource | RecordSource:
+def open_split(name: str, data_dir: str, split: str) -> ArraySource | EncodedSource:
+    """Small fixed-size splits decoded into memory; the rest read by index, still encoded."""
     spec = get_spec(name)
     builder = prepared_builder(name, spec, data_dir)
     check_readable(name, spec, builder, data_dir)
     if _split_bytes(builder, split) <= IN_MEMORY_BYTES:
         return _array_split(name, data_dir, split)
-    return RecordSource(builder.as_data_source(split=split),
-                        builder.info.features["image"].shape[-1])
+    import tensorflow_datasets as tfds
+    return EncodedSource(builder.as_data_source(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}))

@@ -140,9 +140,10 @@ def resize_batch(images: np.ndarray, boxes: np.ndarray, size: int,
                  flip: np.ndarray | None = None) -> np.ndarray:
     """Crop `boxes` out of same-sized images (n, H, W, C) and resize each to (size, size):
     float32 (n, size, size, C) on the input's 0..255 scale. `flip` mirrors chosen outputs.
-    Small sources (digits, CIFAR) go through two batched matmuls; photos through K-tap gathers,
-    which cost about what PIL's C code does (2 ms for 500x375 -> 224x224). The choice depends
-    on the image size alone, so an example's result never depends on its batch."""
+    Small sources (digits, CIFAR) go through two batched matmuls; larger fixed-size images held
+    in memory through K-tap gathers (photos of varying sizes are decoded on tf.data instead:
+    `records`). The choice depends on the image size alone, so an example's result never
+    depends on its batch."""
     n, h, w, c = images.shape
     if max(h, w) <= DENSE_MAX:
         wy = resize_matrix(h, boxes[:, 1], boxes[:, 3], size)             # (n, S, H)
