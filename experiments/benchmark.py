@@ -13,12 +13,12 @@ the compiled step.
 
 input: the train split's batches (`--batch_size`, default 64) from cnnjax.data.Loader, with 1,
 2 and all cores (or `--workers`), `--steps` batches (default 20) after two to fill the
-pipeline, `--rounds` times (default 3, medians reported); in the same process and on the same files, a reference tf.data pipeline written the
-way the Flax ImageNet example preprocesses (sample_distorted_bounding_box, decode_and_crop_jpeg,
-bicubic resize, flip), and the ratio. With --arch, the train step also runs fed by the loader
-and the fraction of time spent waiting for data is reported. One JSON line per worker count;
---readme=README.md also renders them as a table (machine, versions and command included) between
-the README's input-benchmark markers.
+pipeline, `--rounds` times (default 3, medians reported); in the same process and on the same
+files, a reference tf.data pipeline written the way the Flax ImageNet example preprocesses
+(sample_distorted_bounding_box, decode_and_crop_jpeg, bicubic resize, flip), and the ratio.
+With --arch, the train step also runs fed by the loader and the fraction of time spent waiting
+for data is reported. One JSON line per worker count; --readme=README.md also renders them as a
+table (machine, versions and command included) between the README's input-benchmark markers.
 """
 from __future__ import annotations
 
@@ -77,16 +77,16 @@ def main(argv: list[str] | None = None) -> int:
         return input_benchmark(args)
     from cnnjax import parallel
     args.batch_size, args.steps = args.batch_size or 8, args.steps or 5
+    args.num_classes = args.num_classes or 1000
     try:
-        mesh, model, state, train_step, eval_step = build_step(args, args.num_classes or 1000,
-                                                               3)
+        mesh, model, state, train_step, eval_step = build_step(args, args.num_classes, 3)
     except ValueError as e:
         return flags.fail(e)
     rng = np.random.default_rng(0)
     batch = parallel.global_batch({
         "image": rng.standard_normal((args.batch_size, args.image_size, args.image_size, 3),
                                      np.float32),
-        "label": rng.integers(0, args.num_classes or 1000, args.batch_size).astype(np.int32),
+        "label": rng.integers(0, args.num_classes, args.batch_size).astype(np.int32),
         "mask": np.ones(args.batch_size, np.float32)}, mesh)
     repl, sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     if args.mode == "train":

@@ -9,11 +9,10 @@ then the flip. Like the Flax and TensorFlow ImageNet recipes, and unlike PIL, th
 does not antialias by default: on 500x375 JPEGs that filter cost 1 ms an image, 40% of the
 pipeline's time (Spec.train_antialias turns it on). Eval, as torchvision's Resize +
 CenterCrop with PIL: the shorter side resized to S / eval_crop (256 for 224) with antialiasing,
-then the centred S x S. JPEGs are
-decoded with the accurate integer DCT, which gives PIL's pixels exactly. Every op is a
-deterministic function of its inputs and the parallel map keeps order, so a batch is bitwise
-the same for any worker count, and `Loader.batch(step)` stays a pure function of (dataset,
-seed, step).
+then the centred S x S. JPEGs are decoded with the accurate integer DCT, which gives PIL's
+pixels exactly. Every op is a deterministic function of its inputs and the parallel map keeps
+order, so a batch is bitwise the same for any worker count, and `Loader.batch(step)` stays a
+pure function of (dataset, seed, step).
 """
 from __future__ import annotations
 
@@ -102,8 +101,9 @@ def make_decoder(size: int, channels: int, train: bool, antialias: bool = False)
                                                  dct_method=DCT)
 
         def other():
-            return tf.image.crop_to_bounding_box(whole(encoded), window[0], window[1],
-                                                 window[2], window[3])
+            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+            return tf.image.crop_to_bounding_box(image, window[0], window[1], window[2],
+                                                 window[3])
         image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
         return tf.image.resize(image, (size, size), method="bilinear", antialias=antialias)
 
@@ -124,8 +124,8 @@ def make_decoder(size: int, channels: int, train: bool, antialias: bool = False)
 
 
 def iterate(plan: Callable[[int], tuple], steps: range, *, size: int, channels: int,
-            train: bool, antialias: bool, batch_size: int, scale: np.ndarray, offset: np.ndarray, workers: int,
-            prefetch: int, describe: Callable[[int], str]
+            train: bool, antialias: bool, batch_size: int, scale: np.ndarray,
+            offset: np.ndarray, workers: int, prefetch: int, describe: Callable[[int], str]
             ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """(step, batch) for each step of `steps`. `plan(step)` gives that step's encoded images,
     geometries, flips, labels and mask (NumPy); tf.data decodes `workers` examples at a time and
@@ -142,7 +142,8 @@ def iterate(plan: Callable[[int], tuple], steps: range, *, size: int, channels: 
     ds = (tf.data.Dataset.range(steps.start, steps.stop)
           .map(planned)
           .unbatch()
-          .map(make_decoder(size, channels, train, antialias), num_parallel_calls=workers, deterministic=True)
+          .map(make_decoder(size, channels, train, antialias), num_parallel_calls=workers,
+               deterministic=True)
           .batch(batch_size, drop_remainder=True)
           .map(lambda image, label, mask: (  # padding rows stay exactly zero
               (image * scale_t + offset_t) * mask[:, None, None, None], label, mask))
