@@ -24,7 +24,7 @@ import optax
 from flax import struct
 
 from cnnjax import checkpoint as ckpt
-from cnnjax import data, flags, parallel, transfer
+from cnnjax import convert, data, flags, parallel, transfer
 from cnnjax.data import sources
 from cnnjax.models.registry import create_model
 
@@ -147,9 +147,13 @@ _RULES: dict[str, flags.Rule] = {  # TrainConfig.validate's per-field checks
 
 
 def check_init_from(init_from: str | os.PathLike, workdir: str | os.PathLike | None) -> None:
-    """--init_from must be an earlier run's workdir with a checkpoint, not this run's own."""
-    what = "the workdir of an earlier run, whose latest checkpoint is read"
+    """--init_from must be weights converted by cnnjax.convert or an earlier run's workdir with
+    a checkpoint, not this run's own."""
+    what = ("the workdir of an earlier run, whose latest checkpoint is read, or weights "
+            "written by python -m cnnjax.convert")
     flags.check_existing_directory("init_from", init_from, what)
+    if os.path.isfile(os.path.join(init_from, convert.META_FILE)):
+        return
     ckpt.require_saved(init_from, f"--init_from={flags.show(init_from)}")
     if workdir is not None and os.path.realpath(init_from) == os.path.realpath(workdir):
         raise ValueError(f"--init_from={flags.show(init_from)} is this run's own --workdir; "
@@ -419,8 +423,13 @@ def start_from(state: TrainState, config: TrainConfig) -> tuple[TrainState, dict
 
     Returns the state, what was copied (JSON, kept in the checkpoints and summary.json) and the
     line the run prints. ValueError, naming --init_from, when nothing fits."""
-    _, source, record = load_checkpoint(config.init_from)
-    source_arch = record["config"]["arch"]
+    if os.path.isfile(os.path.join(config.init_from, convert.META_FILE)):
+        _, source, meta = convert.load_pretrained(config.init_from)
+        source_arch, step, origin = meta["arch"], None, meta.get("source", {}).get("file")
+    else:
+        _, source, record = load_checkpoint(config.init_from)
+        source_arch, step = record["config"]["arch"], int(record["data_position"]["step"])
+        origin = None
     target = {"params": state.params, "batch_stats": state.batch_stats}
     try:
         variables, report = transfer.init_from(target, source, source_arch=source_arch,
@@ -428,10 +437,12 @@ def start_from(state: TrainState, config: TrainConfig) -> tuple[TrainState, dict
     except ValueError as e:
         raise ValueError(f"--init_from={flags.show(config.init_from)}: {e}") from None
     started = {"run": str(pathlib.Path(config.init_from).resolve()), "arch": source_arch,
-               "step": int(record["data_position"]["step"]), **report.to_json()}
+               "step": step, **report.to_json()}
+    if origin is not None:
+        started["converted_from"] = origin
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
-    return state, started, report.summary(f"{config.init_from} ({source_arch}, step "
-                                          f"{started['step']})")
+    how = f"step {step}" if step is not None else f"converted from {origin}"
+    return state, started, report.summary(f"{config.init_from} ({source_arch}, {how})")
 
 
 def check_started_from(record: dict | None, config: TrainConfig, workdir: pathlib.Path) -> None:

@@ -48,6 +48,7 @@ class Report:
     skipped: list[tuple[str, tuple, tuple]]              # shape differs: (path, target, source)
     missing: list[str]                                   # no counterpart: kept fresh
     unused: list[str]                                    # source tensors copied nowhere
+    gray: list[str] = dataclasses.field(default_factory=list)  # RGB kernels summed to 1 channel
 
     @property
     def copied_layers(self) -> list[str]:
@@ -68,9 +69,11 @@ class Report:
             f"{layer} ({name} {t} here, {s} in the source)"
             for layer, (name, t, s) in differs.items())) if differs else ""
         fresh = _layers(self.missing)
+        gray = (f"; summed over RGB for 1-channel input: {_names(_layers(self.gray))}"
+                if self.gray else "")
         return (f"init_from {source}, by {_MAPPING_WORDS[self.mapping]}: copied "
                 f"{len(self.copied)} tensors ({_names(self.copied_layers)}), kept fresh: "
-                f"{_names(fresh) if fresh else 'none'}{skipped}")
+                f"{_names(fresh) if fresh else 'none'}{skipped}{gray}")
 
     def to_json(self) -> dict[str, Any]:
         return {"mapping": self.mapping, "copied_tensors": len(self.copied),
@@ -78,7 +81,7 @@ class Report:
                 "copied": [list(c) for c in self.copied],
                 "skipped": [{"path": p, "shape": list(t), "source_shape": list(s)}
                             for p, t, s in self.skipped],
-                "missing": self.missing}
+                "missing": self.missing, "summed_over_rgb": self.gray}
 
 
 def init_from(target_variables: dict, source_variables: dict, *, source_arch: str | None = None,
@@ -157,23 +160,35 @@ def _transfer(target: Any, source: Any, source_path: Callable[[str], str | None]
     """`target` with each leaf replaced by the source leaf at `source_path(its path)` where that
     exists with the same shape; the tree structure of `target` is kept exactly."""
     sources = dict(_flatten(source))
-    copied, skipped, missing, used = [], [], [], set()
+    copied, skipped, missing, used, gray = [], [], [], set(), []
 
     def pick(path: str, leaf: Any) -> Any:
         s = source_path(path)
         if s is None or s not in sources:
             missing.append(path)
             return leaf
-        if tuple(np.shape(sources[s])) != tuple(np.shape(leaf)):
-            skipped.append((path, tuple(np.shape(leaf)), tuple(np.shape(sources[s]))))
+        value = sources[s]
+        if _rgb_to_gray(np.shape(value), np.shape(leaf)):
+            value = np.sum(np.asarray(value), axis=2, keepdims=True)
+            gray.append(path)
+        if tuple(np.shape(value)) != tuple(np.shape(leaf)):
+            skipped.append((path, tuple(np.shape(leaf)), tuple(np.shape(value))))
             return leaf
         copied.append((path, s))
         used.add(s)
-        return _place(sources[s], leaf)
+        return _place(value, leaf)
 
     out = jax.tree_util.tree_map_with_path(lambda p, leaf: pick(_path(p), leaf), target)
     unused = [s for s in sources if s not in used]
-    return out, Report(mapping, copied, skipped, missing, unused)
+    return out, Report(mapping, copied, skipped, missing, unused, gray)
+
+
+def _rgb_to_gray(source: tuple, target: tuple) -> bool:
+    """A first conv of 3 input channels (RGB) copied into one of 1 (grayscale, e.g. digits):
+    summed over its inputs, it computes on a gray image what the RGB kernel computes on that
+    image repeated in all three channels."""
+    return (len(source) == len(target) == 4 and source[2] == 3 and target[2] == 1
+            and source[:2] == target[:2] and source[3] == target[3])
 
 
 def _place(value: Any, like: Any) -> Any:

@@ -10,7 +10,7 @@ README = (ROOT / "README.md").read_text()
 def test_ci_runs_the_readme_test_command():
     block = README.split("## Set up and test")[1].split("```bash")[1].split("```")[0]
     command = block.strip().splitlines()[-1]
-    assert command == 'pip install -e ".[test]" && python -m pytest'
+    assert command == 'pip install -e ".[test,torch]" && python -m pytest'
     assert command in (ROOT / ".ci" / "run").read_text()
 
 
