@@ -298,3 +298,25 @@ def test_fine_tuning_starts_from_converted_weights_with_a_fresh_head(resnet18_st
     assert started["copied_tensors"] == 100 and started["summed_over_rgb"] == [
         "params/conv_init/kernel"]
     assert summary["eval_top1"] > 0.3  # 10 classes: chance is 0.1; 0.61 here
+
+
+@needs_torch
+def test_converted_weights_serve_as_a_backbone_with_torchvisions_feature_maps():
+    """features_only=True on converted weights (head stripped): stride 4..32 are torchvision's
+    layer1..layer4 outputs."""
+    from cnnjax.models import strip_head
+    theirs = random_torchvision("resnet18", seed=3)
+    variables = convert.from_torchvision("resnet18", theirs.state_dict())
+    backbone = create_model("resnet18", features_only=True)
+    x = images(96, 128)
+    shapes = jax.eval_shape(lambda: backbone.init(jax.random.key(0), x, train=False))
+    maps = backbone.apply(strip_head(variables, shapes), jnp.asarray(x), train=False)
+    assert "fc" not in shapes["params"]
+    with torch.no_grad():
+        t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        t = theirs.maxpool(theirs.relu(theirs.bn1(theirs.conv1(t))))
+        for stride, layer in zip((4, 8, 16, 32), (theirs.layer1, theirs.layer2, theirs.layer3,
+                                                  theirs.layer4)):
+            t = layer(t)
+            ref = t.numpy().transpose(0, 2, 3, 1)
+            assert relative_error(np.asarray(maps[f"stride{stride}"]), ref) < TOLERANCE, stride

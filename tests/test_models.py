@@ -10,26 +10,13 @@ import pytest
 
 import cnnjax
 from cnnjax import convert
+from helpers import SIBLINGS
 
 # Deeper variants of a family whose every module a lighter sibling already trains in
 # test_forward_train_and_gradients (resnet152: resnet50's blocks; densenet201: densenet121's):
 # compiling their backward pass took 40-95 s each on a 2-core CPU, so they run the eval forward.
 HEAVY = {"resnet152", "se_resnet152", "resnext101_32x8d", "resnet101", "se_resnet101",
          "wide_resnet50_2", "densenet161", "densenet169", "densenet201"}
-# Variants that repeat a sibling's modules with other block counts, widths or group counts: the
-# sibling's train step here covers their code (test_variants_use_no_layer_kind_their_sibling_lacks
-# checks that), tests/test_reference.py their exact parameters and multiply-adds, and the
-# shape and dtype tests below every model. Compiling each one's backward pass cost 11-27 s.
-SIBLINGS = {
-    "vgg13": "vgg11", "vgg16": "vgg11", "vgg19": "vgg11",
-    "vgg13_bn": "vgg11_bn", "vgg16_bn": "vgg11_bn", "vgg19_bn": "vgg11_bn",
-    "resnet34": "resnet18", "se_resnet34": "se_resnet18",
-    "resnet101": "resnet152", "se_resnet101": "se_resnet152", "densenet169": "densenet201",
-    "shufflenet_v1_g2": "shufflenet_v1_g3", "shufflenet_v1_g4": "shufflenet_v1_g3",
-    "shufflenet_v1_g8": "shufflenet_v1_g3", "shufflenet_v2_x1_0": "shufflenet_v2_x0_5",
-    "shufflenet_v2_x1_5": "shufflenet_v2_x0_5", "shufflenet_v2_x2_0": "shufflenet_v2_x0_5",
-    "mnasnet1_0": "mnasnet0_5", "mobilenet_v3_large": "mobilenet_v3_small",
-}
 LIGHT = [n for n in cnnjax.list_models() if n not in HEAVY and n not in SIBLINGS]
 
 

@@ -7,6 +7,7 @@ from cnnjax.models import mobilenet  # noqa: F401  (mobilenet_v1, _v2, _v3_large
 from cnnjax.models import resnet  # noqa: F401  (resnet, resnext, wide_resnet, se_resnet)
 from cnnjax.models import shufflenet  # noqa: F401  (shufflenet_v1_g1..g8, _v2_x0_5..x2_0)
 from cnnjax.models import vgg  # noqa: F401  (vgg11..19, _bn)
-from cnnjax.models.registry import create_model, list_models, model_spec, register
+from cnnjax.models.registry import (create_model, feature_info, list_models, model_spec,
+                                    register, strip_head)
 
-__all__ = ["create_model", "list_models", "model_spec", "register"]
+__all__ = ["create_model", "feature_info", "list_models", "model_spec", "register", "strip_head"]

@@ -2,6 +2,12 @@
 
 The three differ only in their convolutional trunk, so each is a table of layers fed to one module;
 all share the classifier: adaptive 6x6 average pool, flatten, dropout-FC-ReLU twice, FC.
+
+`features_only=True` returns the trunk's last map at each stride instead of logits (alexnet's
+channels, sizes at 224): stride4 conv1 (64, 55x55; alexnet_v1: lrn1), stride8 conv2 (192, 27x27;
+alexnet_v1: lrn2), stride16 conv5 (256, 13x13), stride32 pool5 (256, 6x6). ZFNet's conv1 has
+stride 2: its stride4 is lrn1 (after pool1), stride8 conv2 (26x26: unpadded), stride16 conv5,
+stride32 pool5. Outputs are after the ReLU; the classifier (avgpool, fc6-fc8) is not built.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ class AlexNet(nn.Module):
     arch: str = "alexnet"
     trunk: Sequence[tuple] = ALEXNET
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no classifier
     dropout_rate: float = 0.5
     in_channels: int = 3
     min_input_size: int = 63  # smallest H/W whose feature map survives pool5
@@ -63,15 +70,21 @@ class AlexNet(nn.Module):
                            min_size=self.min_input_size)
         conv = layers.conv(self.dtype, self.param_dtype)
         x = x.astype(self.dtype)
+        total_stride, features = 1, {}
         for kind, name, *args in self.trunk:
             if kind == "conv":
                 filters, kernel, stride, pad, groups = args
                 x = nn.relu(conv(filters, kernel, stride, pad, groups, use_bias=True, name=name)(x))
+                total_stride *= stride
             elif kind == "pool":
                 window, stride, ceil_mode = args
                 x = layers.MaxPool(window, stride, ceil_mode=ceil_mode, name=name)(x)
+                total_stride *= stride
             else:
                 x = layers.LocalResponseNorm(name=name)(x)
+            layers.keep_feature(features, total_stride, x)
+        if self.features_only:
+            return features
         x = layers.AdaptiveAvgPool(6, name="avgpool")(x)
         x = layers.Flatten(name="flatten")(x)
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)

@@ -9,6 +9,11 @@ BN-ReLU-1x1 conv-2x2 average pool. The ImageNet stem is a 7x7/2 conv and a 3x3/2
 backward pass (`flax.linen.remat`) instead of keeping it, torchvision's option after Pleiss et al.
 2017: the stored concatenations grow quadratically with block depth, the recomputation costs one
 more 1x1 conv a layer. The same variables serve both settings (the parameter names agree).
+
+`features_only=True` returns the last map at each stride instead of logits, as timm: the
+concatenated output of dense blocks 1-3 (the transition after each counts as the downsampling
+layer) as stride4, stride8 and stride16, and the last block after norm5 and its ReLU as stride32
+(DenseNet-121: 256, 512, 1024, 1024 channels). The head (global pool, fc) is not built.
 """
 from __future__ import annotations
 
@@ -80,6 +85,7 @@ class DenseNet(nn.Module):
     drop_rate: float = 0.0
     memory_efficient: bool = False
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no pool, no fc
     in_channels: int = 3
     min_input_size: int = 29  # the third transition's 2x2 pool needs a 2x2 map
     dtype: Any = jnp.float32
@@ -94,6 +100,7 @@ class DenseNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(norm(name="norm0")(conv(self.num_init_features, 7, 2, name="conv0")(x)))
         x = layers.MaxPool(3, 2, padding=1, name="pool0")(x)
+        features = {}
         for i, size in enumerate(self.block_config, start=1):
             # The block's maps stay a list; each layer concatenates them itself (in its
             # bottleneck), so with remat no concatenation outlives the forward pass.
@@ -104,8 +111,12 @@ class DenseNet(nn.Module):
                                        name=f"denseblock{i}_layer{j}")(maps, train=train))
             x = jnp.concatenate(maps, axis=-1)
             if i < len(self.block_config):
+                layers.keep_feature(features, 2**(i + 1), x)  # block 1 runs at stride 4
                 x = Transition(x.shape[-1] // 2, conv, norm, name=f"transition{i}")(x)
         x = nn.relu(norm(name="norm5")(x))
+        layers.keep_feature(features, 2**(len(self.block_config) + 1), x)
+        if self.features_only:
+            return features
         x = layers.GlobalAvgPool(name="avgpool")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="fc")(x)

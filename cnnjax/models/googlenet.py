@@ -15,6 +15,11 @@ returns (logits, aux1_logits, aux2_logits) and eval mode the logits alone; the h
 init in either mode, so one set of variables serves both. The paper adds the aux losses with
 weight 0.3; that is the training loop's choice. (torchvision's namedtuple orders the heads the
 other way: logits, aux2, aux1.) torchvision's `transform_input` is not reproduced.
+
+`features_only=True` returns the last map at each stride instead of logits (channels, size at
+224): stride4 conv3 (192, 56x56; googlenet_v1: lrn2, after conv3), stride8 inception3b (480,
+28x28), stride16 inception4e (832, 14x14), stride32 inception5b (1024, 7x7). Neither the head
+(avgpool, dropout, fc) nor the auxiliary heads are built, whatever `aux_logits` says.
 """
 from __future__ import annotations
 
@@ -128,6 +133,7 @@ class GoogLeNet(nn.Module):
     aux_min_input_size: int = 1  # the smallest H/W the auxiliary heads take (adaptive: any)
     aux_logits: bool = False
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no heads at all
     in_channels: int = 3
     min_input_size: int = 15  # maxpool3's 3x3 window needs a 2x2 map (ceil mode)
     dtype: Any = jnp.float32
@@ -137,7 +143,7 @@ class GoogLeNet(nn.Module):
     def __call__(self, x, *, train: bool):
         layers.check_input(x, model=self.arch, in_channels=self.in_channels,
                            min_size=self.min_input_size)
-        if self.aux_logits:
+        if self.aux_logits and not self.features_only:
             layers.check_input(x, model=f"{self.arch} with aux_logits=True",
                                in_channels=self.in_channels, min_size=self.aux_min_input_size)
         conv = layers.conv(self.dtype, self.param_dtype)
@@ -149,16 +155,18 @@ class GoogLeNet(nn.Module):
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         # The heads run in training only, but are created at init in either mode so that their
         # parameters exist whichever mode initialised the model.
-        run_aux = self.aux_logits and (train or self.is_initializing())
+        run_aux = self.aux_logits and not self.features_only and (train or self.is_initializing())
 
         x = x.astype(self.dtype)
-        aux = []
+        aux, total_stride, feature_maps = [], 1, {}
         for kind, name, *args in self.trunk:
             if kind == "conv":
                 features, kernel, stride = args
                 x = unit(features=features, kernel=kernel, stride=stride, name=name)(x)
+                total_stride *= stride
             elif kind == "pool":
                 x = layers.MaxPool(args[0], 2, ceil_mode=True, name=name)(x)
+                total_stride *= 2
             elif kind == "lrn":  # BVLC Caffe: n=5, alpha=1e-4 (divided by n), beta=0.75, k=1
                 x = layers.LocalResponseNorm(5, alpha=1e-4 / 5, beta=0.75, k=1.0, name=name)(x)
             elif kind == "inception":
@@ -166,6 +174,9 @@ class GoogLeNet(nn.Module):
             elif kind == "aux" and run_aux:
                 aux.append(InceptionAux(self.num_classes, unit, self.aux_pool, dense,
                                         name=name)(x, train=train))
+            layers.keep_feature(feature_maps, total_stride, x)
+        if self.features_only:
+            return feature_maps
         x = layers.GlobalAvgPool(name="avgpool")(x)  # the paper's 7x7 average pool at 224
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         x = dense(self.num_classes, name="fc")(x)

@@ -1,4 +1,5 @@
-"""Layers shared by the families: input checks, pooling, LRN, squeeze-excite, channel shuffle.
+"""Layers shared by the families: input checks, pooling, LRN, squeeze-excite, channel shuffle,
+feature maps.
 
 Pooling and flattening are small modules (not bare functions) so that they appear as layers of
 their own in `cnnjax.profile`, as they do in the lecture's tables. Padding is explicit and
@@ -19,6 +20,22 @@ ModuleDef = Any
 
 # Kaiming-normal with fan-out, the initialisation torchvision gives its ResNets, VGGs and others.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# The strides a `features_only=True` model reports, as detection and segmentation necks expect.
+FEATURE_STRIDES = (4, 8, 16, 32)
+
+
+def keep_feature(features: dict, stride: int, x: jax.Array) -> None:
+    """Stores `x` as `features[f"stride{stride}"]` when `stride` is one of FEATURE_STRIDES.
+
+    A family calls it after every layer (or block) with the stride of that layer's output, so a
+    later map replaces an earlier one at the same stride: each entry ends as the LAST map at its
+    resolution, the output of the last layer before the next downsampling (timm's choice for
+    `features_only`). Strides count nominally (the product of the layer strides): an unpadded
+    layer's map may be a pixel or two smaller than input / stride.
+    """
+    if stride in FEATURE_STRIDES:
+        features[f"stride{stride}"] = x
 
 
 def check_input(x: Any, *, model: str, in_channels: int, min_size: int) -> None:

@@ -4,6 +4,11 @@ The B1 variant, as torchvision's mnasnet*: no squeeze-excite (the paper's MnasNe
 uses other stacks). A 3x3/2 stem, a depthwise-separable block, six stacks of MobileNet v2
 inverted residuals (MBConv) with 3x3 or 5x5 kernels, a 1x1 conv to 1280, global pool, dropout,
 FC. Parameters, BatchNorm statistics and MACs equal torchvision's for each depth multiplier.
+
+`features_only=True` returns the last block of the last stack at each stride instead of logits:
+stack 1, 2, 4 as stride4, stride8, stride16, and the 1x1 `conv_last` (after stack 6) as stride32
+(torchvision's weights have it; timm leaves it out): 24, 40, 96, 1280 channels for mnasnet1_0.
+The head (global pool, dropout, fc) is not built.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ class MNASNet(nn.Module):
     torchvision's `alpha`)."""
     arch: str = "mnasnet1_0"
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no pool, no fc
     width_mult: float = 1.0
     stacks: Sequence[tuple[int, int, int, int]] = STACKS
     dropout_rate: float = 0.2
@@ -53,11 +59,17 @@ class MNASNet(nn.Module):
         x = layers.ConvNormAct(conv, norm, depths[0], 3, 2, name="stem")(x)
         # Depthwise-separable with a linear projection and no shortcut, even when widths agree.
         x = DepthwiseSeparable(depths[1], 1, conv, norm, project_act=None, name="sepconv")(x)
+        total_stride, features = 2, {}
         for i, ((k, s, t, n), out) in enumerate(zip(self.stacks, depths[2:])):
             for j in range(n):
                 x = InvertedResidual(x.shape[-1] * t, out, k, s if j == 0 else 1, conv, norm,
                                      nn.relu, name=f"stage{i + 1}_block{j + 1}")(x)
+            total_stride *= s
+            layers.keep_feature(features, total_stride, x)
         x = layers.ConvNormAct(conv, norm, 1280, 1, name="conv_last")(x)
+        layers.keep_feature(features, total_stride, x)
+        if self.features_only:
+            return features
         x = layers.GlobalAvgPool(name="avgpool")(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,

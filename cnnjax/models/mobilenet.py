@@ -5,6 +5,13 @@ the paper's 4.2M and 569M. v2 and v3 follow torchvision layer for layer (same pa
 BatchNorm statistics and MACs). All three scale their widths with `width_mult` (the paper's
 alpha); v2/v3 round to multiples of 8 as torchvision does, v1 takes int(alpha * C) as the paper.
 `InvertedResidual` and `DepthwiseSeparable` are also MnasNet's blocks (mnasnet.py).
+
+`features_only=True` returns the last block output at each stride instead of logits (the block
+before the next stride-2 one), with the 1x1 `conv_last` of v2/v3 in stride32 (torchvision's
+weights have it; timm leaves it out). Channels at width 1: v1 blocks 3, 5, 11, 13 (128, 256,
+512, 1024); v2 stage2, stage3, stage5, conv_last (24, 32, 96, 1280); v3 Large blocks 3, 6, 12,
+conv_last (24, 40, 112, 960); v3 Small blocks 1, 3, 8, conv_last (16, 24, 48, 576). The
+classifier (global pool, v3's fc_hidden, dropout, fc) is not built.
 """
 from __future__ import annotations
 
@@ -83,6 +90,7 @@ class MobileNetV1(nn.Module):
     """MobileNet v1 (Howard et al. 2017, Table 1): 3x3/2 conv then 13 depthwise-separable blocks."""
     arch: str = "mobilenet_v1"
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no classifier
     width_mult: float = 1.0
     dropout_rate: float = 0.001  # TF-slim's reference trains with keep_prob 0.999
     in_channels: int = 3
@@ -99,8 +107,13 @@ class MobileNetV1(nn.Module):
         norm = layers.batch_norm(train, self.dtype, self.param_dtype)
         width = lambda c: max(1, int(c * self.width_mult))  # Sec. 3.3: alpha M channels
         x = layers.ConvNormAct(conv, norm, width(32), 3, 2, name="stem")(x)
+        total_stride, features = 2, {}
         for i, (c, s) in enumerate(V1_BLOCKS):
             x = DepthwiseSeparable(width(c), s, conv, norm, name=f"block{i + 1}")(x)
+            total_stride *= s
+            layers.keep_feature(features, total_stride, x)
+        if self.features_only:
+            return features
         return _classifier(self, x, None, nn.relu, train)
 
 
@@ -113,6 +126,7 @@ class MobileNetV2(nn.Module):
     """MobileNet v2 (Sandler et al. 2018, Table 2), as torchvision's mobilenet_v2."""
     arch: str = "mobilenet_v2"
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no classifier
     width_mult: float = 1.0
     dropout_rate: float = 0.2
     in_channels: int = 3
@@ -129,14 +143,20 @@ class MobileNetV2(nn.Module):
         norm = layers.batch_norm(train, self.dtype, self.param_dtype)
         width = lambda c: layers.make_divisible(c * self.width_mult, 8)
         x = layers.ConvNormAct(conv, norm, width(32), 3, 2, act=nn.relu6, name="stem")(x)
+        total_stride, features = 2, {}
         for i, (t, c, n, s) in enumerate(V2_STAGES):
             for j in range(n):
                 expanded = int(round(x.shape[-1] * t))
                 x = InvertedResidual(expanded, width(c), 3, s if j == 0 else 1, conv, norm,
                                      nn.relu6, name=f"stage{i + 1}_block{j + 1}")(x)
+            total_stride *= s
+            layers.keep_feature(features, total_stride, x)
         # The last conv never shrinks below 1280 (the paper: not for multipliers < 1).
         last = layers.make_divisible(1280 * max(1.0, self.width_mult), 8)
         x = layers.ConvNormAct(conv, norm, last, 1, act=nn.relu6, name="conv_last")(x)
+        layers.keep_feature(features, total_stride, x)
+        if self.features_only:
+            return features
         return _classifier(self, x, None, nn.relu6, train)
 
 
@@ -160,6 +180,7 @@ class MobileNetV3(nn.Module):
     blocks: Sequence[tuple] = V3_LARGE
     head_channels: int = 1280  # the hidden FC of the classifier (1024 for Small)
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no classifier
     width_mult: float = 1.0
     dropout_rate: float = 0.2
     in_channels: int = 3
@@ -178,6 +199,7 @@ class MobileNetV3(nn.Module):
                                  momentum=0.99)
         width = lambda c: layers.make_divisible(c * self.width_mult, 8)
         x = layers.ConvNormAct(conv, norm, width(16), 3, 2, act=_HS, name="stem")(x)
+        total_stride, features = 2, {}
         for i, (k, expanded, out, se, act, s) in enumerate(self.blocks):
             expanded = width(expanded)
             attention = None
@@ -188,7 +210,12 @@ class MobileNetV3(nn.Module):
                     param_dtype=self.param_dtype)
             x = InvertedResidual(expanded, width(out), k, s, conv, norm, act, attention,
                                  name=f"block{i + 1}")(x)
+            total_stride *= s
+            layers.keep_feature(features, total_stride, x)
         x = layers.ConvNormAct(conv, norm, 6 * x.shape[-1], 1, act=_HS, name="conv_last")(x)
+        layers.keep_feature(features, total_stride, x)
+        if self.features_only:
+            return features
         return _classifier(self, x, width(self.head_channels), _HS, train)
 
 

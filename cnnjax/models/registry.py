@@ -4,10 +4,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+
+from cnnjax.models.layers import FEATURE_STRIDES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,3 +87,24 @@ def create_model(name: str, *, num_classes: int = 1000, dtype: Any = jnp.float32
                          f"its options are: {', '.join(sorted(fields))}")
     return spec.builder(arch=name, num_classes=num_classes, dtype=dtype, param_dtype=param_dtype,
                         **overrides)
+
+
+def feature_info(name: str, input_size: int | tuple[int, int] = 224,
+                 **overrides: Any) -> list[dict[str, Any]]:
+    """The maps `create_model(name, features_only=True, **overrides)` returns, by stride:
+    [{"name": "stride4", "stride": 4, "channels": ...}, ...]; traced (jax.eval_shape), not run."""
+    model = create_model(name, features_only=True, **overrides)
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    x = jax.ShapeDtypeStruct((1, h, w, model.in_channels), jnp.float32)
+    maps, _ = jax.eval_shape(functools.partial(model.init_with_output, train=False),
+                             jax.random.key(0), x)
+    return [{"name": f"stride{s}", "stride": s, "channels": maps[f"stride{s}"].shape[-1]}
+            for s in FEATURE_STRIDES if f"stride{s}" in maps]
+
+
+def strip_head(variables: Mapping, backbone: Mapping) -> dict:
+    """A full model's `variables` (converted weights, a checkpoint) cut down to the tree of its
+    `features_only=True` variables `backbone` (arrays, or shapes from jax.eval_shape of its init):
+    the head's entries are dropped. A module the backbone has and `variables` lacks: KeyError."""
+    return {k: strip_head(variables[k], v) if isinstance(v, Mapping) else variables[k]
+            for k, v in backbone.items()}

@@ -4,6 +4,10 @@ ResNet v1.5 by default, as torchvision: a downsampling bottleneck puts its strid
 (`stride_in_1x1=True` gives the paper's v1, 3.86 instead of 4.09 GMACs for ResNet-50). ResNeXt
 and Wide ResNet are the bottleneck with other `groups` / `width_per_group`; SE-ResNet is the same
 network with a squeeze-excite `attention` on every residual branch (Hu et al. 2018, r=16).
+
+`features_only=True` returns the last block of each stage instead of logits (ResNet-50's
+channels): stride4 stage1 (256), stride8 stage2 (512), stride16 stage3 (1024), stride32 stage4
+(2048); the head (global pool, fc) is not built.
 """
 from __future__ import annotations
 
@@ -83,6 +87,7 @@ class ResNet(nn.Module):
     stage_sizes: Sequence[int] = (3, 4, 6, 3)
     block: Callable[..., nn.Module] = Bottleneck
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no pool, no fc
     groups: int = 1
     width_per_group: int = 64
     se_reduction: int | None = None
@@ -114,11 +119,15 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = nn.relu(norm(name="bn_init")(conv(64, 7, 2, name="conv_init")(x)))
         x = layers.MaxPool(3, 2, padding=1, name="pool_init")(x)
+        features = {}
         for i, size in enumerate(self.stage_sizes):
             for j in range(size):
                 x = block(planes=64 * 2**i, stride=2 if i > 0 and j == 0 else 1, conv=conv,
                           norm=norm, attention=attention, zero_init_last=self.zero_init_residual,
                           name=f"stage{i + 1}_block{j + 1}")(x)
+            layers.keep_feature(features, 4 * 2**i, x)  # the stem's conv and pool: stride 4
+        if self.features_only:
+            return features
         x = layers.GlobalAvgPool(name="avgpool")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="fc")(x)

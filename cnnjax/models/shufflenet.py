@@ -4,6 +4,12 @@ v1 is the paper's Table 1 at 1x for g = 1, 2, 3, 4, 8 (torchvision has no v1); g
 params and 137,460,672 MACs at 224, Table 1's 137M. Table 1 leaves out the final FC: with it,
 g=2/4/8 come to 141/134/138M (the table: 140/133/137M). v2 follows torchvision's
 shufflenet_v2_* layer for layer. Both shuffle with `layers.channel_shuffle`.
+
+`features_only=True` returns the last map at each stride instead of logits: the stem's max-pool
+as stride4 (24 channels: no unit runs at stride 4), the last unit of stages 2, 3, 4 as stride8,
+stride16, stride32, v2 with its 1x1 `conv_last` in stride32 (torchvision's weights have it).
+Channels: v1 g3 24, 240, 480, 960; v2 x1_0 24, 116, 232, 1024. The head (global pool, fc) is
+not built.
 """
 from __future__ import annotations
 
@@ -66,6 +72,7 @@ class ShuffleNetV1(nn.Module):
     groups: int = 3
     stage_repeats: Sequence[int] = (4, 8, 4)
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no pool, no fc
     width_mult: float = 1.0
     stem_channels: int | None = None  # None: 24 x width_mult (the authors' 1.5x model keeps 24)
     in_channels: int = 3
@@ -94,10 +101,15 @@ class ShuffleNetV1(nn.Module):
                              f"got {stem}")
         x = layers.ConvNormAct(conv, norm, stem, 3, 2, name="stem")(x)
         x = layers.MaxPool(3, 2, padding=1, name="pool")(x)
+        features = {}
+        layers.keep_feature(features, 4, x)  # no unit runs at stride 4
         for i, (repeats, out) in enumerate(zip(self.stage_repeats, stages)):
             for j in range(repeats):
                 x = ShuffleUnit(out, 2 if j == 0 else 1, g, 1 if i == j == 0 else g, conv, norm,
                                 self.zero_init_residual, name=f"stage{i + 2}_block{j + 1}")(x)
+            layers.keep_feature(features, 8 * 2**i, x)
+        if self.features_only:
+            return features
         x = layers.GlobalAvgPool(name="avgpool")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="fc")(x)
@@ -139,6 +151,7 @@ class ShuffleNetV2(nn.Module):
     stage_channels: Sequence[int] = V2_STAGE_CHANNELS["x1_0"]
     stage_repeats: Sequence[int] = (4, 8, 4)
     num_classes: int = 1000
+    features_only: bool = False  # return {"stride4": ..., "stride32": ...}; no pool, no fc
     in_channels: int = 3
     min_input_size: int = 1  # every conv and pool is padded: any size reaches a 1x1 map
     dtype: Any = jnp.float32
@@ -154,11 +167,17 @@ class ShuffleNetV2(nn.Module):
         *stages, last = self.stage_channels
         x = layers.ConvNormAct(conv, norm, 24, 3, 2, name="stem")(x)
         x = layers.MaxPool(3, 2, padding=1, name="pool")(x)
+        features = {}
+        layers.keep_feature(features, 4, x)  # no unit runs at stride 4
         for i, (repeats, out) in enumerate(zip(self.stage_repeats, stages)):
             for j in range(repeats):
                 x = ShuffleV2Unit(out, 2 if j == 0 else 1, conv, norm,
                                   name=f"stage{i + 2}_block{j + 1}")(x)
+            layers.keep_feature(features, 8 * 2**i, x)
         x = layers.ConvNormAct(conv, norm, last, 1, name="conv_last")(x)
+        layers.keep_feature(features, 4 * 2**len(stages), x)
+        if self.features_only:
+            return features
         x = layers.GlobalAvgPool(name="avgpool")(x)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                         name="fc")(x)
