@@ -207,8 +207,7 @@ def _module_names(fam: Family, layers: Mapping[str, Any]) -> dict[str, str]:
         found = {m[1] for p in layers if (m := re.match(fam.unit, p))}
         units = sorted(found, key=lambda u: [int(t) if t.isdigit() else t
                                              for t in re.split(r"(\d+)", u)])
-    batch_norm = int(any("scale" in leaf for _, leaf in
-                         (k for v in layers.values() for k in v)))
+    batch_norm = int(any(("params", "scale") in leaves for leaves in layers.values()))
     names = {}
     for layer in layers:
         for pattern, template in fam.rules:
@@ -297,14 +296,17 @@ def convert(name: str, state_dict: Mapping[str, Any], *, num_classes: int | None
     from flax import traverse_util
     fam = family(name)
     state_dict = _canonical(fam, state_dict)
+    default = 1000
+    layers = _layers(_abstract_variables(name, num_classes or default, overrides))
+    modules = _module_names(fam, layers)  # the same for any class count
     if num_classes is None:
-        head = torchvision_names(name, **overrides)[f"params/{fam.head}/kernel"]
+        head = f"{modules[fam.head]}.weight"
         if head not in state_dict:
             raise ConversionError(f"{name}: the state dict has no classifier {head!r}, so the "
                                   "class count is unknown; pass num_classes")
         num_classes = int(np.shape(state_dict[head])[0])
-    layers = _layers(_abstract_variables(name, num_classes, overrides))
-    modules = _module_names(fam, layers)
+        if num_classes != default:
+            layers = _layers(_abstract_variables(name, num_classes, overrides))
     flat, missing, wrong, used = {}, [], [], set()
     for layer, leaves in layers.items():
         for (collection, leaf), shape in leaves.items():
@@ -402,6 +404,18 @@ def preprocessing(arch: str) -> dict[str, Any]:
             "std": list(fam.std)}
 
 
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> None:
+    """The output directory must be new or empty; with `overwrite`, it may hold an earlier
+    conversion (pretrained.json), which is replaced. Nothing else a user saved is touched."""
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; the output must be a directory")
+    if out.is_dir() and any(out.iterdir()) and not (overwrite and is_converted(out)):
+        raise ValueError(f"{out} is not empty; choose a new directory"
+                         + ("" if overwrite else " (or pass --overwrite to replace an earlier "
+                            "conversion there)"))
+
+
 def save_pretrained(out: str | os.PathLike, arch: str, variables: dict, *,
                     num_classes: int, source: dict | None = None,
                     preprocess: dict | None = None, overwrite: bool = False) -> pathlib.Path:
@@ -409,16 +423,10 @@ def save_pretrained(out: str | os.PathLike, arch: str, variables: dict, *,
     `overwrite`, an earlier conversion's OUT (one holding pretrained.json) is replaced."""
     import orbax.checkpoint as ocp
     out = pathlib.Path(out).absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise ValueError(f"{out} is a file; the output must be a directory")
-        if any(out.iterdir()):
-            if not (overwrite and (out / META_FILE).is_file()):
-                raise ValueError(f"{out} is not empty; choose a new directory"
-                                 + ("" if overwrite else " (or pass --overwrite to replace an "
-                                    "earlier conversion there)"))
-            shutil.rmtree(out / VARIABLES_DIR, ignore_errors=True)
-            (out / META_FILE).unlink()
+    check_out(out, overwrite)
+    if is_converted(out):  # check_out let it through: overwrite an earlier conversion
+        shutil.rmtree(out / VARIABLES_DIR, ignore_errors=True)
+        (out / META_FILE).unlink()
     out.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(out / VARIABLES_DIR, variables)
@@ -430,13 +438,40 @@ def save_pretrained(out: str | os.PathLike, arch: str, variables: dict, *,
     return out
 
 
-def read_meta(path: str | os.PathLike) -> dict:
-    """pretrained.json of a converted directory; ValueError when PATH is not one."""
+def read_meta(path: str | os.PathLike, flag: str | None = None) -> dict:
+    """pretrained.json of a directory written by `save_pretrained` / the command, checked to name
+    a registered architecture, a class count and the preprocessing, beside its variables;
+    ValueError, naming PATH (as `--flag=PATH` when given), saying what is wrong otherwise."""
+    from cnnjax.models import model_spec
+    what = "a directory written by python -m cnnjax.convert"
     meta_file = pathlib.Path(path) / META_FILE
+    path = f"--{flag}={flags.show(path)}" if flag else path
     if not meta_file.is_file():
-        raise ValueError(f"{path} holds no {META_FILE}: it is not a directory written by "
-                         "python -m cnnjax.convert")
-    return json.loads(meta_file.read_text())
+        raise ValueError(f"{path} holds no {META_FILE}: it is not {what}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: its {META_FILE} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: its {META_FILE} is not a JSON object")
+    for key, ok in (("arch", lambda v: isinstance(v, str)), ("num_classes", flags.POSITIVE_INT.ok),
+                    ("preprocess", lambda v: isinstance(v, dict))):
+        if not ok(meta.get(key)):
+            raise ValueError(f"{path}: its {META_FILE} has no valid {key!r} "
+                             f"(got {flags.show(meta.get(key))})")
+    try:
+        model_spec(meta["arch"])
+    except ValueError as e:
+        raise ValueError(f"{path} holds weights of an architecture this cnnjax lacks: {e}") \
+            from None
+    if not (meta_file.parent / VARIABLES_DIR).is_dir():
+        raise ValueError(f"{path} holds no {VARIABLES_DIR}/ directory; it must be {what}")
+    return meta
+
+
+def is_converted(path: str | os.PathLike) -> bool:
+    """Whether PATH looks like converted weights (holds pretrained.json), not a run's workdir."""
+    return (pathlib.Path(path) / META_FILE).is_file()
 
 
 def load_pretrained(path: str | os.PathLike, **overrides: Any):
@@ -486,12 +521,10 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(args.checkpoint):
             raise ValueError(f"--checkpoint={flags.show(args.checkpoint)} does not exist")
         flags.check_directory("out", args.out)
-        out = pathlib.Path(args.out)
-        if out.is_dir() and any(out.iterdir()) and not (args.overwrite
-                                                         and (out / META_FILE).is_file()):
-            raise ValueError(f"--out={flags.show(args.out)} is not empty; choose a new directory"
-                             + ("" if args.overwrite else " (--overwrite replaces an earlier "
-                                "conversion)"))
+        try:
+            check_out(args.out, args.overwrite)
+        except ValueError as e:
+            raise ValueError(f"--out={e}") from None
         state_dict = read_state_dict(args.checkpoint)
         variables, dropped = convert(args.arch, state_dict, num_classes=args.num_classes)
     except ValueError as e:

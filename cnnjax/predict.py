@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-import json
 import os
-import pathlib
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -290,28 +288,10 @@ def predict(model, variables, images: Any, *, top_k: int = 5,
 def _checked_meta(weights: str) -> dict:
     """pretrained.json of --weights, checked to be what `load_pretrained` and `preprocess` need."""
     from cnnjax import convert
-    from cnnjax.models import model_spec
     what = "a directory written by python -m cnnjax.convert"
     flags.check_existing_directory("weights", weights, what)
     shown = f"--weights={flags.show(weights)}"
-    if not (pathlib.Path(weights) / convert.META_FILE).is_file():
-        raise ValueError(f"{shown} holds no {convert.META_FILE}; it must be {what}")
-    try:
-        meta = convert.read_meta(weights)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{shown}: its {convert.META_FILE} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{shown}: its {convert.META_FILE} is not a JSON object")
-    for key, ok in (("arch", lambda v: isinstance(v, str)), ("num_classes", flags.POSITIVE_INT.ok),
-                    ("preprocess", lambda v: isinstance(v, dict))):
-        if not ok(meta.get(key)):
-            raise ValueError(f"{shown}: its {convert.META_FILE} has no valid {key!r} "
-                             f"(got {flags.show(meta.get(key))})")
-    try:
-        model_spec(meta["arch"])
-    except ValueError as e:
-        raise ValueError(f"{shown} holds weights of an architecture this cnnjax lacks: {e}") \
-            from None
+    meta = convert.read_meta(weights, flag="weights")
     pre = dict(meta["preprocess"])
     missing = [k for k in ("resize", "crop", "mean", "std") if k not in pre]
     if missing:
@@ -320,8 +300,6 @@ def _checked_meta(weights: str) -> dict:
         check_preprocess(**_settings(meta))
     except ValueError as e:
         raise ValueError(f"{shown}: its {convert.META_FILE} preprocess is unusable: {e}") from None
-    if not (pathlib.Path(weights) / convert.VARIABLES_DIR).is_dir():
-        raise ValueError(f"{shown} holds no {convert.VARIABLES_DIR}/ directory; it must be {what}")
     return meta
 
 

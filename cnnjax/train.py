@@ -152,7 +152,8 @@ def check_init_from(init_from: str | os.PathLike, workdir: str | os.PathLike | N
     what = ("the workdir of an earlier run, whose latest checkpoint is read, or weights "
             "written by python -m cnnjax.convert")
     flags.check_existing_directory("init_from", init_from, what)
-    if os.path.isfile(os.path.join(init_from, convert.META_FILE)):
+    if convert.is_converted(init_from):
+        convert.read_meta(init_from, flag="init_from")
         return
     ckpt.require_saved(init_from, f"--init_from={flags.show(init_from)}")
     if workdir is not None and os.path.realpath(init_from) == os.path.realpath(workdir):
@@ -423,7 +424,7 @@ def start_from(state: TrainState, config: TrainConfig) -> tuple[TrainState, dict
 
     Returns the state, what was copied (JSON, kept in the checkpoints and summary.json) and the
     line the run prints. ValueError, naming --init_from, when nothing fits."""
-    if os.path.isfile(os.path.join(config.init_from, convert.META_FILE)):
+    if convert.is_converted(config.init_from):
         _, source, meta = convert.load_pretrained(config.init_from)
         source_arch, step, origin = meta["arch"], None, meta.get("source", {}).get("file")
     else:

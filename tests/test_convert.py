@@ -320,3 +320,18 @@ def test_converted_weights_serve_as_a_backbone_with_torchvisions_feature_maps():
             t = layer(t)
             ref = t.numpy().transpose(0, 2, 3, 1)
             assert relative_error(np.asarray(maps[f"stride{stride}"]), ref) < TOLERANCE, stride
+
+
+def test_a_damaged_conversion_is_one_line_for_init_from_and_load_pretrained(tmp_path, data_dir):
+    from helpers import cli
+    weights = tmp_path / "weights"
+    (weights / "variables").mkdir(parents=True)
+    (weights / "pretrained.json").write_text('{"arch": "resnet18", ')
+    code, err = cli("--arch=resnet18", f"--init_from={weights}", f"--data_dir={data_dir}",
+                    f"--workdir={tmp_path / 'run'}", "--num_steps=1", "--quiet")
+    assert code == 2 and err.startswith(
+        f"error: --init_from='{weights}': its pretrained.json is not valid JSON"), err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    (weights / "pretrained.json").write_text('{"arch": "resnet18", "num_classes": 0}')
+    with pytest.raises(ValueError, match=r"has no valid 'num_classes' \(got 0\)"):
+        convert.load_pretrained(weights)
