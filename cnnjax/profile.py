@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax.extend import core
 
+from cnnjax.models import fastconv
 from cnnjax.models.registry import create_model
 
 # Modules that are the identity in eval mode: not rows of the table.
@@ -65,7 +66,8 @@ class Profile:
         but skips the kernel taps that fall on zero padding: at ImageNet sizes `flops / 2` is
         within a few percent of `macs`; on tiny inputs, where padding dominates, it is far below.
         """
-        compiled = jax.jit(self._apply).lower(*self._args).compile()
+        with fastconv.impl("xla"):  # the convolutions as convolutions, as in `macs`
+            compiled = jax.jit(self._apply).lower(*self._args).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
         return {k: float(cost[k]) for k in ("flops", "bytes accessed") if k in cost}
@@ -176,7 +178,8 @@ def profile(name_or_module: str | nn.Module, input_size: int | tuple[int, int] =
         with nn.intercept_methods(record):
             return apply(variables, x)
 
-    jaxpr = jax.make_jaxpr(traced)(variables, x).jaxpr
+    with fastconv.impl("xla"):  # a depthwise conv stays one conv, not nine multiply-adds
+        jaxpr = jax.make_jaxpr(traced)(variables, x).jaxpr
     paths = [c[0] for c in calls]
     leaves = [c for c in calls if not any(p[:len(c[0])] == c[0] and p != c[0] for p in paths)
               and not isinstance(c[1], _SKIP) and hasattr(c[3], "shape")]

@@ -52,13 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--mode", default="train", choices=("train", "eval", "input"))
     p.add_argument("--steps", type=int, help="default 5; 20 batches with --mode=input")
+    p.add_argument("--conv", default="auto", choices=("auto", "xla"),
+                   help="auto: cnnjax's per-shape fast convolutions (cnnjax.models.fastconv); "
+                        "xla: XLA's convolution everywhere, for comparison")
     p.add_argument("--memory_efficient", action="store_true", help="DenseNet's recompute option")
+    p.add_argument("--framework", default="cnnjax", choices=("cnnjax", "torch"),
+                   help="whose step to time in this process: cnnjax's, or torchvision's same "
+                        "architecture (needs the torch extra)")
+    p.add_argument("--compare", choices=("torch",),
+                   help="time cnnjax and torchvision in fresh processes, alternating, "
+                        "--rounds times; print both medians and their ratio")
+    p.add_argument("--all", action="store_true",
+                   help="--compare=torch for each of the standard architectures (ALL_ARCHS), "
+                        "with --conv=xla and --conv=auto, and write the table to --out")
+    p.add_argument("--out", default="BENCHMARKS.md", help="--all: the Markdown file written")
     p.add_argument("--dataset", help="--mode=input: a named dataset with encoded images")
     p.add_argument("--data_dir", help="--mode=input: where it is prepared")
     p.add_argument("--workers", type=int, help="--mode=input: decode workers (default 1, 2 "
                                                "and all cores)")
     p.add_argument("--rounds", type=int, default=3,
-                   help="--mode=input: timings of each pipeline, alternating; medians reported")
+                   help="--mode=input and --compare: timings of each side, alternating; "
+                        "medians reported")
     p.add_argument("--readme", help="--mode=input: write the table into this file, between "
                                     f"{INPUT_START} and {INPUT_END}")
     args = p.parse_args(argv if argv is not None else sys.argv[1:])
@@ -67,15 +81,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "input":
         if not args.dataset:
             p.error("the following arguments are required: --dataset")
-    elif not args.arch:
+    elif not args.arch and not args.all:
         p.error("the following arguments are required: --arch")
     try:
         flags.check(vars(args), RULES)
+        check_comparison(args)
     except ValueError as e:
         return flags.fail(e)
     if args.mode == "input":
         return input_benchmark(args)
+    if args.all:
+        return all_benchmarks(args)
+    if args.compare:
+        return compare(args, argv if argv is not None else sys.argv[1:])
+    if args.framework == "torch":
+        return torch_benchmark(args)
     from cnnjax import parallel
+    from cnnjax.models import fastconv
+    fastconv.set_impl(args.conv)
     args.batch_size, args.steps = args.batch_size or 8, args.steps or 5
     args.num_classes = args.num_classes or 1000
     try:
@@ -99,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
 
     def run(state):
         out = compiled(state, batch)
@@ -111,18 +136,224 @@ def main(argv: list[str] | None = None) -> int:
         state, out = run(state)
     jax.block_until_ready(out)
     dt = time.perf_counter() - t0
+    temp = getattr(mem, "temp_size_in_bytes", None)
+    flops = cost.get("flops")
     result = {
-        "arch": args.arch, "mode": args.mode, "batch_size": args.batch_size,
+        "framework": "cnnjax", "arch": args.arch, "mode": args.mode,
+        "batch_size": args.batch_size,
         "image_size": args.image_size, "dtype": args.dtype, "devices": mesh.size,
         "device_kind": jax.devices()[0].device_kind, "memory_efficient": args.memory_efficient,
+        "conv": args.conv,
         "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
-        "compile_s": compile_s,
-        "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+        "compile_s": compile_s, "flops": flops,
+        "gflop_per_s": flops * args.steps / dt / 1e9 if flops else None,
+        "temp_bytes": temp, "temp_bytes_per_image": temp / args.batch_size if temp else None,
         "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
         "output_bytes": getattr(mem, "output_size_in_bytes", None),
     }
     print(json.dumps(result))
     return 0
+
+
+# The architectures `--all` compares with PyTorch (issue 11): where users train.
+ALL_ARCHS = ("resnet50", "resnet18", "densenet121", "mobilenet_v2", "vgg16",
+             "shufflenet_v2_x1_0")
+TORCH_MISSING = ("--framework=torch and --compare=torch need torch and torchvision: "
+                 "pip install -e \".[torch]\"")
+
+
+def check_comparison(args) -> None:
+    """ValueError for a combination of --framework, --compare and --all that cannot run."""
+    torch_side = args.framework == "torch" or args.compare or args.all
+    if not torch_side:
+        return
+    if args.mode == "input":
+        raise ValueError("--framework=torch, --compare and --all time a model's step; "
+                         "--mode=input times the input pipeline alone")
+    if args.compare and args.framework == "torch":
+        raise ValueError("--compare=torch already times both frameworks; drop --framework")
+    if args.all and args.arch:
+        raise ValueError(f"--all measures {', '.join(ALL_ARCHS)}; drop --arch (or drop --all "
+                         "and use --compare=torch)")
+    if args.dtype != "float32":
+        raise ValueError(f"--dtype={args.dtype}: the PyTorch side is timed in float32 only")
+    import importlib.util
+    if importlib.util.find_spec("torch") is None or \
+            importlib.util.find_spec("torchvision") is None:
+        raise ValueError(TORCH_MISSING)
+    from cnnjax import convert, parallel, train
+    from cnnjax.models.registry import create_model
+    shared = convert.shared_architectures()
+    overrides = {"memory_efficient": True} if args.memory_efficient else {}
+    for arch in ([args.arch] if args.arch else ALL_ARCHS):
+        if arch not in shared:
+            raise ValueError(f"--arch={arch} has no torchvision counterpart to compare with; "
+                             f"torchvision has {', '.join(shared)}")
+        # what the cnnjax side would refuse, refused here in one line before any process starts
+        train.check_image_size(args.image_size, create_model(arch, **overrides))
+    parallel.check_batch_size(args.batch_size or 8, jax.device_count())
+    if args.all:
+        out = pathlib.Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise ValueError(f"--out={args.out} must be a file in an existing directory")
+
+
+def torch_benchmark(args) -> int:
+    """torchvision's same architecture, timed as `main` times cnnjax's step: batch, image size
+    and classes alike, random inputs, channels_last, SGD with Nesterov momentum 0.9 and weight
+    decay 5e-4 (cnnjax's default optimizer), BatchNorm in train mode; two warm-up steps."""
+    import torch
+    import torchvision
+    torch.manual_seed(0)
+    args.batch_size, args.steps = args.batch_size or 8, args.steps or 5
+    classes = args.num_classes or 1000
+    extra = {"memory_efficient": True} if args.memory_efficient else {}
+    model = torchvision.models.get_model(args.arch, weights=None, num_classes=classes, **extra)
+    model = model.to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(
+        memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (args.batch_size,))
+    if args.mode == "train":
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                              weight_decay=5e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = model(x)
+            out = getattr(out, "logits", out)  # GoogLeNet/Inception in train mode: main head
+            loss = torch.nn.functional.cross_entropy(out, y)
+            loss.backward()
+            opt.step()
+            return loss
+    else:
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                return model(x)
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    dt = time.perf_counter() - t0
+    print(json.dumps({
+        "framework": "torch", "arch": args.arch, "mode": args.mode,
+        "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
+        "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "threads": torch.get_num_threads()}))
+    return 0
+
+
+def child_argv(args, framework: str, conv: str | None = None) -> list[str]:
+    """The command line of one side of a comparison (a fresh process each)."""
+    argv = [f"--arch={args.arch}", f"--mode={args.mode}", f"--image_size={args.image_size}",
+            f"--framework={framework}", f"--dtype={args.dtype}"]
+    for name in ("batch_size", "num_classes", "steps"):
+        if getattr(args, name):
+            argv.append(f"--{name}={getattr(args, name)}")
+    if args.memory_efficient:
+        argv.append("--memory_efficient")
+    if framework == "cnnjax":
+        argv.append(f"--conv={conv or args.conv}")
+    return argv
+
+
+def run_child(argv: list[str]) -> dict:
+    import subprocess
+    cmd = [sys.executable, "-m", "experiments.benchmark", *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    if out.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd[1:])} failed (exit {out.returncode}):\n"
+                           f"{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def comparison(args, conv: str | None = None) -> dict:
+    """cnnjax's and torchvision's step in fresh processes, alternating, `args.rounds` times:
+    the medians, their ratio (cnnjax / PyTorch) and cnnjax's compile time, FLOPs and memory."""
+    ours, theirs = [], []
+    for _ in range(args.rounds):  # alternating, so that drifts of the machine hit both alike
+        ours.append(run_child(child_argv(args, "cnnjax", conv)))
+        theirs.append(run_child(child_argv(args, "torch")))
+    a = float(np.median([r["img_per_s"] for r in ours]))
+    b = float(np.median([r["img_per_s"] for r in theirs]))
+    first = ours[0]
+    return {
+        "arch": args.arch, "mode": args.mode, "batch_size": first["batch_size"],
+        "image_size": args.image_size, "dtype": args.dtype, "conv": conv or args.conv,
+        "cnnjax_img_per_s": a, "torch_img_per_s": b, "ratio": a / b,
+        "compile_s": float(np.median([r["compile_s"] for r in ours])),
+        "flops": first["flops"], "gflop_per_s": (first["flops"] or 0) * a / first["batch_size"]
+        / 1e9, "temp_bytes_per_image": first["temp_bytes_per_image"],
+        "torch": theirs[0]["torch"], "torch_threads": theirs[0]["threads"],
+        "rounds": {"cnnjax": [r["img_per_s"] for r in ours],
+                   "torch": [r["img_per_s"] for r in theirs]}}
+
+
+def compare(args, argv: list[str]) -> int:
+    try:
+        result = comparison(args)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result))
+    print(f"{args.arch} {args.mode}: cnnjax {result['cnnjax_img_per_s']:.2f} img/s, PyTorch "
+          f"{result['torch_img_per_s']:.2f} img/s, ratio {result['ratio']:.2f} (medians of "
+          f"{args.rounds})", file=sys.stderr)
+    return 0
+
+
+def all_benchmarks(args) -> int:
+    """--all: every architecture of ALL_ARCHS compared with PyTorch before (--conv=xla) and
+    after (--conv=auto) cnnjax's fast convolutions; --out is rewritten after each one, so an
+    interrupted run keeps what it measured."""
+    rows = []
+    for arch in ALL_ARCHS:
+        args.arch = arch
+        try:
+            row = {"before": comparison(args, "xla"), "after": comparison(args, "auto")}
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        pathlib.Path(args.out).write_text(render_benchmarks(rows, args))
+    return 0
+
+
+def render_benchmarks(rows: list[dict], args) -> str:
+    """BENCHMARKS.md: the --all table with the machine, versions and command it came from."""
+    from experiments import zoo
+    m = zoo.machine()
+    a0 = rows[0]["after"]
+    lines = [
+        "# Benchmarks", "",
+        "Written by `" + args.command + "`; never edited by hand.", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['devices']}); Python {m['python']}, "
+        f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; PyTorch {a0['torch']} "
+        f"({a0['torch_threads']} threads, eager, channels_last); {m['date']}.", "",
+        f"One {a0['mode']} step at batch {a0['batch_size']}, {a0['image_size']}x"
+        f"{a0['image_size']}, {a0['dtype']}, SGD with Nesterov momentum and BatchNorm updates; "
+        f"each number the median of {args.rounds} fresh processes per side, the two sides "
+        "alternating. *Before*: XLA's convolution everywhere (`--conv=xla`); *after*: "
+        "cnnjax's per-shape fast paths (`--conv=auto`, `cnnjax/models/fastconv.py`). "
+        "Ratio: cnnjax / PyTorch images per second. GFLOP and temporary memory are XLA's own "
+        "analysis of the compiled step (after).", "",
+        "| arch | cnnjax before img/s | cnnjax after img/s | PyTorch img/s | ratio before | "
+        "ratio after | compile s (after) | XLA GFLOP/step | GFLOP/s | temp MiB/image |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for row in rows:
+        b, a = row["before"], row["after"]
+        lines.append(
+            f"| {a['arch']} | {b['cnnjax_img_per_s']:.2f} | {a['cnnjax_img_per_s']:.2f} | "
+            f"{a['torch_img_per_s']:.2f} | {b['ratio']:.2f} | {a['ratio']:.2f} | "
+            f"{a['compile_s']:.1f} | {(a['flops'] or 0) / 1e9:.1f} | {a['gflop_per_s']:.1f} | "
+            f"{(a['temp_bytes_per_image'] or 0) / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def build_step(args, num_classes: int, channels: int):

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from cnnjax.models import fastconv
+
 ModuleDef = Any
 
 # Kaiming-normal with fan-out, the initialisation torchvision gives its ResNets, VGGs and others.
@@ -233,12 +235,14 @@ def batch_norm(train: bool, dtype: Any, param_dtype: Any, **kw) -> ModuleDef:
 
 
 def conv(dtype: Any, param_dtype: Any, **kw) -> ModuleDef:
-    """A Conv factory with the compute/storage dtypes and torchvision's initialisation."""
+    """A Conv factory with the compute/storage dtypes and torchvision's initialisation; the
+    convolution itself is `fastconv.conv_general_dilated` (per-shape fast paths on the CPU)."""
     def make(features: int, kernel: int | tuple[int, int], stride: int = 1,
              padding: int | None = None, groups: int = 1, use_bias: bool = False, **k):
         kh, kw_ = _pair(kernel)
         ph, pw = (kh // 2, kw_ // 2) if padding is None else _pair(padding)
         return nn.Conv(features, (kh, kw_), _pair(stride), padding=((ph, ph), (pw, pw)),
                        feature_group_count=groups, use_bias=use_bias, dtype=dtype,
-                       param_dtype=param_dtype, kernel_init=conv_kernel_init, **{**kw, **k})
+                       param_dtype=param_dtype, kernel_init=conv_kernel_init,
+                       conv_general_dilated=fastconv.conv_general_dilated, **{**kw, **k})
     return make

@@ -1,0 +1,145 @@
+"""cnnjax.models.fastconv: the per-shape convolution paths compute XLA's convolution, forward and
+backward, within float32 rounding; the rule picks them where it should; the switch turns them
+off; models keep their parameters, names and counted multiply-adds."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import cnnjax
+from cnnjax.models import fastconv
+
+DN = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
+
+
+def conv_and_grads(impl, x, k, strides, padding, groups):
+    """The output and the gradients (input, kernel) of sum(conv * r) for a fixed random r."""
+    def f(x, k):
+        return fastconv.conv_general_dilated(x, k, strides, padding, dimension_numbers=DN,
+                                             feature_group_count=groups)
+
+    @jax.jit
+    def run(x, k, r):
+        y, vjp = jax.vjp(f, x, k)
+        return (y, *vjp(r.astype(y.dtype)))
+
+    with fastconv.impl(impl):  # read when `run` is traced, inside
+        shape = jax.eval_shape(f, x, k).shape
+        return run(x, k, np.random.default_rng(3).standard_normal(shape, np.float32))
+
+
+def assert_same_as_xla(x, k, strides, padding, groups, path):
+    assert fastconv.choose(x.shape, k.shape, strides, padding, groups, False) == path
+    ours = conv_and_grads("auto", x, k, strides, padding, groups)
+    ref = conv_and_grads("xla", x, k, strides, padding, groups)
+    for name, a, b in zip(("output", "input gradient", "kernel gradient"), ours, ref):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        # float32 sums of at most a few thousand terms in another order: a few ulps of the
+        # largest magnitude
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("n, h, w, c, kernel, stride, pad", [
+    (2, 9, 7, 4, 3, 1, 1),     # odd, non-square map
+    (2, 9, 8, 5, 3, 2, 1),     # stride 2, the rows and columns not divisible by it
+    (2, 10, 11, 4, 5, 2, 2),   # MnasNet / MobileNetV3's 5x5
+    (2, 7, 7, 5, 3, 2, 0),     # unpadded
+    (2, 12, 12, 3, 7, 3, 3),   # stride 3, 7x7
+])
+def test_depthwise_as_shifted_multiply_adds_matches_xla(n, h, w, c, kernel, stride, pad):
+    x = jax.random.normal(jax.random.key(0), (n, h, w, c))
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, 1, c))
+    assert_same_as_xla(x, k, (stride, stride), ((pad, pad), (pad, pad)), c, "shift")
+
+
+def test_depthwise_with_uneven_padding_matches_xla():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 9, 6))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 1, 6))
+    assert_same_as_xla(x, k, (2, 2), ((0, 1), (1, 0)), 6, "shift")
+
+
+@pytest.mark.parametrize("c, f, groups, stride", [
+    (16, 24, 1, 1), (16, 24, 1, 2),   # ResNet/DenseNet/MobileNet 1x1s; ResNet's downsample
+    (24, 16, 8, 1), (12, 9, 3, 2),    # ShuffleNet v1's grouped 1x1s
+])
+def test_pointwise_as_a_matrix_product_matches_xla(c, f, groups, stride):
+    x = jax.random.normal(jax.random.key(0), (2, 7, 6, c))
+    k = jax.random.normal(jax.random.key(1), (1, 1, c // groups, f))
+    assert_same_as_xla(x, k, (stride, stride), ((0, 0), (0, 0)), groups, "dot")
+
+
+def test_bfloat16_stays_bfloat16_and_close_to_xla():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8), jnp.bfloat16)
+    for k, groups in ((jax.random.normal(jax.random.key(1), (3, 3, 1, 8), jnp.bfloat16), 8),
+                      (jax.random.normal(jax.random.key(1), (1, 1, 8, 4), jnp.bfloat16), 1)):
+        pad = ((1, 1), (1, 1)) if k.shape[0] == 3 else ((0, 0), (0, 0))
+        ours, ref = (conv_and_grads(impl, x, k, (1, 1), pad, groups)[0] for impl in ("auto", "xla"))
+        assert ours.dtype == jnp.bfloat16
+        np.testing.assert_allclose(ours.astype(np.float32), ref.astype(np.float32), atol=0.1,
+                                   rtol=0.02)
+
+
+@pytest.mark.parametrize("x, k, strides, padding, groups, dilated, path", [
+    ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # full 3x3
+    ((8, 56, 56, 64), (3, 3, 2, 64), (1, 1), ((1, 1),) * 2, 32, False, "xla"),  # ResNeXt
+    ((8, 56, 56, 64), (3, 3, 1, 128), (1, 1), ((1, 1),) * 2, 64, False, "xla"),  # multiplier 2
+    ((8, 56, 56, 64), (3, 3, 1, 64), (1, 1), ((1, 1),) * 2, 64, True, "xla"),  # dilated
+    ((8, 56, 56, 64), (1, 1, 64, 64), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # padded 1x1
+    ((8, 56, 56, 64), (3, 3, 1, 64), (2, 2), ((1, 1),) * 2, 64, False, "shift"),
+    ((8, 56, 56, 64), (1, 1, 64, 256), (2, 2), ((0, 0),) * 2, 1, False, "dot"),
+])
+def test_the_rule_picks_the_fast_path_only_where_it_applies(x, k, strides, padding, groups,
+                                                             dilated, path):
+    assert fastconv.choose(x, k, strides, padding, groups, dilated) == path
+    with fastconv.impl("xla"):
+        assert fastconv.choose(x, k, strides, padding, groups, dilated) == "xla"
+
+
+def test_the_switch_is_checked_and_restored():
+    assert fastconv.get_impl() == "auto"
+    with pytest.raises(ValueError, match="unknown convolution implementation 'fast'; expected "
+                                         "one of auto, xla"):
+        fastconv.set_impl("fast")
+    with fastconv.impl("xla"):
+        assert fastconv.get_impl() == "xla"
+    assert fastconv.get_impl() == "auto"
+
+
+def primitives(f, *args) -> list[str]:
+    return [e.primitive.name for e in jax.make_jaxpr(f)(*args).jaxpr.eqns]
+
+
+@pytest.mark.parametrize("name", ["shufflenet_v1_g3"])  # depthwise, 1x1 and grouped 1x1
+def test_a_model_is_the_same_function_with_the_same_parameters(name):
+    """Same parameter tree, same logits and gradients within rounding, same counted MACs; and
+    the fast model really has no depthwise or 1x1 convolution left."""
+    model = cnnjax.create_model(name, num_classes=10)
+    x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+    with fastconv.impl("xla"):
+        variables = model.init(jax.random.key(1), x, train=False)
+    auto_vars = model.init(jax.random.key(1), x, train=False)
+    assert jax.tree.map(jnp.shape, auto_vars) == jax.tree.map(jnp.shape, variables)
+
+    def loss(params, x):  # eval mode: train-mode BatchNorm over 2x2 maps would amplify rounding
+        logits = model.apply({**variables, "params": params}, x, train=False)
+        return jnp.sum(logits ** 2), logits
+
+    results = {}
+    for impl in ("xla", "auto"):
+        with fastconv.impl(impl):
+            results[impl] = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], x)
+            convs = [e for e in jax.make_jaxpr(loss)(variables["params"], x).jaxpr.eqns
+                     if e.primitive.name == "conv_general_dilated"] if impl == "auto" else None
+    for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["xla"])):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(b))))
+    # what is left for XLA: the stem (a full 3x3), and ShuffleNet v1's grouped 3x3s are
+    # depthwise, so only full convolutions with kernels larger than 1x1
+    for e in convs:
+        kernel = e.invars[1].aval.shape
+        groups = e.params["feature_group_count"]
+        assert kernel[:2] != (1, 1) and not (groups > 1 and kernel[2] == 1), (kernel, groups)
+    with fastconv.impl("xla"):
+        reference = cnnjax.profile(name, 224).macs
+    assert cnnjax.profile(name, 224).macs == reference  # the profile still counts convolutions
