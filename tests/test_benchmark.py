@@ -1,5 +1,5 @@
 """experiments.benchmark against PyTorch: --compare=torch and --all run both frameworks in fresh
-processes and write BENCHMARKS.md."""
+processes and write BENCHMARKS.md; the committed BENCHMARKS.md came from that command."""
 import json
 import pathlib
 
@@ -32,3 +32,12 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
     table_row = next(line for line in text.splitlines() if line.startswith("| resnet18 |"))
     assert f"| {row['after']['ratio']:.2f} |" in table_row
 
+
+
+def test_the_committed_benchmarks_were_written_by_the_harness():
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    assert "Written by `python -m experiments.benchmark --all" in text, (
+        "python -m experiments.benchmark --all writes BENCHMARKS.md")
+    rows = [line.split("|")[1].strip() for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| arch")]
+    assert rows == list(benchmark.ALL_ARCHS)

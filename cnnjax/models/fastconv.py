@@ -35,7 +35,8 @@ _impl = {"value": os.environ.get("CNNJAX_CONV", "auto")}
 def check_impl(value: str) -> str:
     if value not in IMPLS:
         raise ValueError(f"unknown convolution implementation {value!r}; expected one of "
-                         f"{', '.join(IMPLS)}")
+                         f"{', '.join(IMPLS)} (set_impl, or the environment variable "
+                         "CNNJAX_CONV)")
     return value
 
 
