@@ -304,7 +304,9 @@ def test_densenet121_memory_efficient_keeps_less_for_the_backward_pass(densenet1
     """The residuals halve (202 -> 105 MB). XLA's temp buffers for the whole step shrink on a GPU
     (H100: 79.7 -> 59.3 MB here, 59.7 -> 40.9 MB with TF32 convs), but XLA:CPU compiles both
     settings to the same temp size (it drops remat's optimization barriers and merges the
-    recomputed concat-BN-ReLU with the forward one), so on CPU the step only must not grow."""
+    recomputed concat-BN-ReLU with the forward one), so on CPU the step only must not grow
+    beyond scheduling noise: with the 1x1 convolutions as matrix products (fastconv) the two
+    settings differ by 0.12% (121.05 -> 121.20 MB), with XLA's convolution not at all."""
     models, variables, x, steps = densenet121_at_64
     res = {eff: _residual_bytes(m, variables, x) for eff, m in models.items()}
     temp = {eff: s.memory_analysis().temp_size_in_bytes for eff, s in steps.items()}
@@ -312,6 +314,6 @@ def test_densenet121_memory_efficient_keeps_less_for_the_backward_pass(densenet1
           f"{res[False]:,} -> {res[True]:,} bytes; XLA temp {temp[False]:,} -> {temp[True]:,} "
           f"bytes (memory_efficient False -> True)")
     assert res[True] < 0.6 * res[False]
-    assert temp[True] <= temp[False]
+    assert temp[True] <= 1.01 * temp[False]
     if jax.default_backend() == "gpu":
         assert temp[True] < 0.8 * temp[False]

@@ -68,13 +68,13 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
 
     Measured on the project's 2-core Xeon (jaxlib 0.10.2, batch 8, one convolution jitted,
     forward / forward+backward, ms): depthwise 3x3 at 112x112x32 XLA 173 / 347, shifts 4 / 76;
-    56x56x144 197 / 603 against 5 / 77; 7x7x960
-    19 / 95 against 1 / 4. 1x1 at 56x56, 24->144: 3.2 / 39 against 1.3 / 14; 7x7, 320->1280:
-    2.6 / 11 against 1.6 / 6.3; grouped 1x1 (ShuffleNet v1, 3 groups, 28x28x240): 8.9 / 106
-    against 4.7 / 6.5. Full 3x3 convolutions were not faster as nine products (the kernel
-    gradient, a contraction over the batch and the map, is slow either way), so they stay with
-    XLA, as do ResNeXt's grouped 3x3s. Elsewhere than on the CPU every convolution stays with
-    XLA, whose GPU and TPU convolutions are the fast ones.
+    56x56x144 197 / 603 against 5 / 77; 7x7x960 19 / 95 against 1 / 4. 1x1 at 56x56,
+    24->144: 3.2 / 39 against 1.3 / 14; 7x7, 320->1280: 2.6 / 11 against 1.6 / 6.3; grouped
+    1x1 (ShuffleNet v1, 3 groups, 28x28x240): 8.9 / 106 against 4.7 / 6.5. Full 3x3
+    convolutions were not faster as nine products (the kernel gradient, a contraction over the
+    batch and the map, is slow either way), so they stay with XLA, as do ResNeXt's grouped
+    3x3s. Elsewhere than on the CPU every convolution stays with XLA, whose GPU and TPU
+    convolutions are the fast ones.
     """
     if get_impl() == "xla" or dilated or jax.default_backend() != "cpu":
         return "xla"
