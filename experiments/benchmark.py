@@ -5,6 +5,14 @@ pipeline's images/s.
     python -m experiments.benchmark --arch=densenet121 --memory_efficient --mode=train
     python -m experiments.benchmark --mode=input --dataset=imagenet2012 --data_dir=DIR \
         [--workers=N] [--arch=resnet18]
+    python -m experiments.benchmark --arch=mobilenet_v2 --compare=torch
+    python -m experiments.benchmark --all
+    python -m experiments.benchmark --arch=resnet50 --dtype=bfloat16 --largest_batch \
+        --compare=torch
+
+--compare=torch, --all and --largest_batch run each measurement in a fresh process (cnnjax's
+or torchvision's), as described at their flags; a step that does not fit in the device's memory
+exits with status 3 and one `error:` line.
 
 train/eval: random inputs of the given shape, the real train step of cnnjax.train (SGD,
 BatchNorm updates, donated state) jitted over all local devices; the first step (compilation)
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import shlex
 import sys
@@ -37,9 +46,19 @@ from cnnjax import flags
 
 RULES = {name: flags.optional(flags.POSITIVE_INT)
          for name in ("batch_size", "image_size", "num_classes", "steps", "workers",
-                      "rounds")}
+                      "rounds", "max_batch_size")}
 WARMUP_BATCHES = 2  # input mode: batches that fill the pipeline before timing starts
 INPUT_START, INPUT_END = "<!-- input-benchmark:start -->", "<!-- input-benchmark:end -->"
+LARGEST_START, LARGEST_END = "<!-- largest-batch:start -->", "<!-- largest-batch:end -->"
+EXIT_OOM = 3  # a step that does not fit in the device's memory (a child's exit status)
+# Dense bfloat16 matrix-unit peaks from NVIDIA's datasheets, TFLOP/s, by device-kind substring.
+BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                    ("L4", 121.0), ("V100", 125.0))
+MLPERF_H100_IMG_PER_S = 7190  # NVIDIA's MLPerf Training v4.0 ResNet-50 result, per H100
+# Set when this process (a parent of --compare, --all or --largest_batch) turned XLA's GPU
+# preallocation off for itself; its children get the variable as the user left it.
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+_preallocation_off = False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num_classes", type=int, help="default 1000; the dataset's with --mode=input")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--mode", default="train", choices=("train", "eval", "input"))
-    p.add_argument("--steps", type=int, help="default 5; 20 batches with --mode=input")
+    p.add_argument("--steps", type=int, help="default 5 on the CPU, 30 on a GPU/TPU; 20 "
+                                             "batches with --mode=input")
     p.add_argument("--conv", default="auto", choices=("auto", "xla"),
                    help="auto: cnnjax's per-shape fast convolutions (cnnjax.models.fastconv); "
                         "xla: XLA's convolution everywhere, for comparison")
@@ -65,7 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all", action="store_true",
                    help="--compare=torch for each of the standard architectures (ALL_ARCHS), "
                         "with --conv=xla and --conv=auto, and write the table to --out")
-    p.add_argument("--out", default="BENCHMARKS.md", help="--all: the Markdown file written")
+    p.add_argument("--largest_batch", action="store_true",
+                   help="double --batch_size (default 64) in fresh processes until the step "
+                        "no longer fits in device memory (with --compare=torch, PyTorch's "
+                        "too); write the results as the largest-batch section of --out")
+    p.add_argument("--max_batch_size", type=int, default=4096,
+                   help="--largest_batch: the largest size tried")
+    p.add_argument("--out", default="BENCHMARKS.md",
+                   help="--all and --largest_batch: the Markdown file written")
     p.add_argument("--dataset", help="--mode=input: a named dataset with encoded images")
     p.add_argument("--data_dir", help="--mode=input: where it is prepared")
     p.add_argument("--workers", type=int, help="--mode=input: decode workers (default 1, 2 "
@@ -83,28 +110,62 @@ def main(argv: list[str] | None = None) -> int:
             p.error("the following arguments are required: --dataset")
     elif not args.arch and not args.all:
         p.error("the following arguments are required: --arch")
+    if args.compare or args.all or args.largest_batch:
+        # this process only starts others: it must not take the GPU's memory from them
+        global _preallocation_off
+        if PREALLOCATE not in os.environ:
+            os.environ[PREALLOCATE], _preallocation_off = "false", True
     try:
         flags.check(vars(args), RULES)
         check_comparison(args)
+        check_largest_batch(args)
     except ValueError as e:
         return flags.fail(e)
     if args.mode == "input":
         return input_benchmark(args)
+    if args.largest_batch:
+        return largest_batch(args)
     if args.all:
         return all_benchmarks(args)
     if args.compare:
         return compare(args)
     if args.framework == "torch":
         return torch_benchmark(args)
-    from cnnjax import parallel
     from cnnjax.models import fastconv
     fastconv.set_impl(args.conv)
-    args.batch_size, args.steps = args.batch_size or 8, args.steps or 5
+    args.batch_size = args.batch_size or 8
+    args.steps = args.steps or (5 if jax.default_backend() == "cpu" else 30)
     args.num_classes = args.num_classes or 1000
     try:
         mesh, model, state, train_step, eval_step = build_step(args, args.num_classes, 3)
     except ValueError as e:
         return flags.fail(e)
+    try:
+        return time_step(args, mesh, state, train_step, eval_step)
+    except Exception as e:  # noqa: BLE001 - only running out of device memory is handled
+        if not out_of_memory(e):
+            raise
+        return flags.fail(f"--batch_size={args.batch_size}: one {args.mode} step of "
+                          f"{args.arch} does not fit in the memory of "
+                          f"{jax.devices()[0].device_kind} ({first_line(e)}); use a smaller "
+                          "--batch_size", EXIT_OOM)
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether `e` is a device running out of memory (XLA's RESOURCE_EXHAUSTED, PyTorch's
+    OutOfMemoryError, or the check of `time_step` against the device's limit)."""
+    text = f"{type(e).__name__}: {e}"
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in text or \
+        "OutOfMemoryError" in text or "out of memory" in text.lower()
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+
+
+def time_step(args, mesh, state, train_step, eval_step) -> int:
+    """Compiles and times the step on random inputs; prints one JSON line."""
+    from cnnjax import parallel, profile
     rng = np.random.default_rng(0)
     batch = parallel.global_batch({
         "image": rng.standard_normal((args.batch_size, args.image_size, args.image_size, 3),
@@ -124,6 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
+    size = {k: getattr(mem, f"{k}_size_in_bytes", 0) or 0
+            for k in ("temp", "argument", "output", "alias")}
+    need = size["temp"] + size["argument"] + size["output"] - size["alias"]
+    limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    if limit and need > limit:  # would fail at its first allocation: say so without running
+        raise MemoryError(f"RESOURCE_EXHAUSTED: the compiled step needs {need / 2**30:.1f} GiB, "
+                          f"the device allows {limit / 2**30:.1f} GiB")
+    # the paper convention for a train step: forward, input gradient and weight gradient
+    passes = 3 if args.mode == "train" else 1
+    model_flops = 2 * passes * args.batch_size * profile(
+        args.arch, args.image_size, num_classes=args.num_classes).macs
 
     def run(state):
         out = compiled(state, batch)
@@ -147,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
         "compile_s": compile_s, "flops": flops,
         "gflop_per_s": flops * args.steps / dt / 1e9 if flops else None,
+        "model_flops": model_flops, "model_tflop_per_s": model_flops * args.steps / dt / 1e12,
+        "device_memory_limit": limit,
         "temp_bytes": temp, "temp_bytes_per_image": temp / args.batch_size if temp else None,
         "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
         "output_bytes": getattr(mem, "output_size_in_bytes", None),
@@ -175,8 +249,6 @@ def check_comparison(args) -> None:
     if args.all and args.arch:
         raise ValueError(f"--all measures {', '.join(ALL_ARCHS)}; drop --arch (or drop --all "
                          "and use --compare=torch)")
-    if args.dtype != "float32":
-        raise ValueError(f"--dtype={args.dtype}: the PyTorch side is timed in float32 only")
     import importlib.util
     if importlib.util.find_spec("torch") is None or \
             importlib.util.find_spec("torchvision") is None:
@@ -193,26 +265,71 @@ def check_comparison(args) -> None:
         train.check_image_size(args.image_size, create_model(arch, **overrides))
     parallel.check_batch_size(args.batch_size or 8, jax.device_count())
     if args.all:
-        out = pathlib.Path(args.out)
-        if out.is_dir() or not out.parent.is_dir():
-            raise ValueError(f"--out={args.out} must be a file in an existing directory")
+        check_out(args)
+
+
+def check_out(args) -> None:
+    out = pathlib.Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--out={args.out} must be a file in an existing directory")
+
+
+def check_largest_batch(args) -> None:
+    """ValueError for a --largest_batch run that cannot work, before any process starts."""
+    if not args.largest_batch:
+        return
+    if args.mode == "input" or args.all or args.framework == "torch":
+        raise ValueError("--largest_batch sweeps one model's step (--arch, with --compare=torch "
+                         "for PyTorch's too); drop --mode=input, --all and --framework")
+    start = args.batch_size or 64
+    if start > args.max_batch_size:
+        raise ValueError(f"--batch_size={start} is above --max_batch_size="
+                         f"{args.max_batch_size}: nothing to sweep")
+    if not args.compare:  # check_comparison has checked the architecture then
+        from cnnjax import parallel, train
+        from cnnjax.models.registry import create_model
+        overrides = {"memory_efficient": True} if args.memory_efficient else {}
+        train.check_image_size(args.image_size, create_model(args.arch, **overrides))
+        parallel.check_batch_size(start, jax.device_count())
+    check_out(args)
 
 
 def torch_benchmark(args) -> int:
     """torchvision's same architecture, timed as `main` times cnnjax's step: batch, image size
     and classes alike, random inputs, channels_last, SGD with Nesterov momentum 0.9 and weight
-    decay 5e-4 (cnnjax's default optimizer), BatchNorm in train mode; two warm-up steps."""
+    decay 5e-4 (cnnjax's default optimizer), BatchNorm in train mode; two warm-up steps. On the
+    GPU when torch sees one (cuDNN autotuning on, as XLA autotunes); --dtype=bfloat16 is
+    autocast, float32 parameters and bfloat16 compute, as cnnjax's dtype option."""
     import torch
+    try:
+        return _torch_benchmark(args, torch)
+    except torch.OutOfMemoryError as e:
+        return flags.fail(f"--batch_size={args.batch_size}: one {args.mode} step of "
+                          f"{args.arch} does not fit in the GPU's memory in PyTorch "
+                          f"({first_line(e)}); use a smaller --batch_size", EXIT_OOM)
+
+
+def _torch_benchmark(args, torch) -> int:
+    import contextlib
+
     import torchvision
     torch.manual_seed(0)
-    args.batch_size, args.steps = args.batch_size or 8, args.steps or 5
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = True
+    args.batch_size = args.batch_size or 8
+    args.steps = args.steps or (30 if device.type == "cuda" else 5)
     classes = args.num_classes or 1000
     extra = {"memory_efficient": True} if args.memory_efficient else {}
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=classes, **extra)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(device, memory_format=torch.channels_last)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(
-        memory_format=torch.channels_last)
-    y = torch.randint(0, classes, (args.batch_size,))
+        device, memory_format=torch.channels_last)
+    y = torch.randint(0, classes, (args.batch_size,)).to(device)
+
+    def autocast():
+        if args.dtype == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     if args.mode == "train":
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
@@ -220,9 +337,10 @@ def torch_benchmark(args) -> int:
 
         def step():
             opt.zero_grad(set_to_none=True)
-            out = model(x)
-            out = getattr(out, "logits", out)  # GoogLeNet/Inception in train mode: main head
-            loss = torch.nn.functional.cross_entropy(out, y)
+            with autocast():
+                out = model(x)
+                out = getattr(out, "logits", out)  # GoogLeNet/Inception in train mode
+                loss = torch.nn.functional.cross_entropy(out, y)
             loss.backward()
             opt.step()
             return loss
@@ -230,20 +348,27 @@ def torch_benchmark(args) -> int:
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 return model(x)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
     for _ in range(2):
         step()
+    sync()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
+    sync()
     dt = time.perf_counter() - t0
     print(json.dumps({
         "framework": "torch", "arch": args.arch, "mode": args.mode,
         "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
         "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
         "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "threads": torch.get_num_threads()}))
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
     return 0
 
 
@@ -261,11 +386,18 @@ def child_argv(args, framework: str, conv: str | None = None) -> list[str]:
     return argv
 
 
-def run_child(argv: list[str]) -> dict:
+def run_child(argv: list[str], *, oom_ok: bool = False) -> dict | None:
+    """One benchmark in a fresh process: its JSON line; None if it ran out of device memory and
+    `oom_ok`; RuntimeError for any other failure."""
     import subprocess
     cmd = [sys.executable, "-m", "experiments.benchmark", *argv]
-    out = subprocess.run(cmd, capture_output=True, text=True,
+    env = dict(os.environ)
+    if _preallocation_off and env.get(PREALLOCATE) == "false":
+        del env[PREALLOCATE]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env,
                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    if out.returncode == EXIT_OOM and oom_ok:
+        return None
     if out.returncode != 0:
         raise RuntimeError(f"{shlex.join(cmd[1:])} failed (exit {out.returncode}):\n"
                            f"{out.stderr[-2000:]}")
@@ -321,8 +453,172 @@ def all_benchmarks(args) -> int:
             return 1
         rows.append(row)
         print(json.dumps(row), flush=True)
-        pathlib.Path(args.out).write_text(render_benchmarks(rows, args))
+        out = pathlib.Path(args.out)
+        kept = section(out.read_text()) if out.is_file() else None  # --largest_batch's
+        out.write_text(render_benchmarks(rows, args) + (f"\n{kept}\n" if kept else ""))
     return 0
+
+
+def section(text: str) -> str | None:
+    """The largest-batch section of a BENCHMARKS.md text, markers included (None if absent)."""
+    if LARGEST_START not in text or LARGEST_END not in text:
+        return None
+    return text[text.index(LARGEST_START):text.index(LARGEST_END) + len(LARGEST_END)]
+
+
+def write_section(path: pathlib.Path, body: str) -> None:
+    """Puts `body` between the largest-batch markers of `path`, in place of what was there, or
+    at its end; the rest of the file stays as it was."""
+    block = f"{LARGEST_START}\n{body}\n{LARGEST_END}"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    old = section(text)
+    path.write_text(text.replace(old, block) if old else f"{text.rstrip()}\n\n{block}\n")
+
+
+def largest_batch(args) -> int:
+    """--largest_batch: one step per batch size, doubling from --batch_size (default 64) in
+    fresh processes until no framework fits (or --max_batch_size); then, on an accelerator,
+    cnnjax's fastest size again with --conv=xla (the fast paths must not slow it) and a bf16
+    matrix product for the chip's measured peak. One JSON line per size; --out's largest-batch
+    section rewritten after each."""
+    rows, size = [], args.batch_size or 64
+    sides = ("cnnjax", "torch") if args.compare else ("cnnjax",)
+    try:
+        while size <= args.max_batch_size:
+            sized = argparse.Namespace(**{**vars(args), "batch_size": size})
+            row = {"batch_size": size}
+            for side in sides:
+                runs = [run_child(child_argv(sized, side), oom_ok=True)
+                        for _ in range(args.rounds)]
+                row[side] = None if None in runs else median_run(runs)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            write_section(pathlib.Path(args.out), render_largest(rows, args, {}, done=False))
+            if all(row[side] is None for side in sides):
+                break
+            size *= 2
+        extra = {}
+        fits = [r for r in rows if r["cnnjax"]]
+        if fits and args.conv == "auto" and jax.default_backend() != "cpu":
+            best = max(fits, key=lambda r: r["cnnjax"]["img_per_s"])
+            sized = argparse.Namespace(**{**vars(args), "batch_size": best["batch_size"]})
+            extra["xla"] = median_run([run_child(child_argv(sized, "cnnjax", "xla"))
+                                       for _ in range(args.rounds)])
+        if jax.default_backend() != "cpu":
+            extra["matmul_tflop_per_s"] = matmul_tflop_per_s()
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"largest_batch": rows[-1]["batch_size"], **extra}), flush=True)
+    write_section(pathlib.Path(args.out), render_largest(rows, args, extra, done=True))
+    return 0
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of median throughput (the first of the two middle ones for an even count)."""
+    ordered = sorted(runs, key=lambda r: r["img_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "rounds": [r["img_per_s"] for r in runs]}
+
+
+def matmul_tflop_per_s(n: int = 8192, repeats: int = 10) -> float:
+    """Measured bfloat16 matrix-product rate of this process's first device (random operands,
+    median of `repeats` after a warm-up): the ceiling a model's TFLOP/s is read against."""
+    a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
+    f = jax.jit(jnp.matmul)
+    f(a, b).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(times)) / 1e12
+
+
+def bf16_peak(device_kind: str) -> float | None:
+    """The datasheet's dense bfloat16 TFLOP/s of a device kind (None if not listed)."""
+    return next((peak for name, peak in BF16_PEAK_TFLOPS if name in device_kind), None)
+
+
+def render_largest(rows: list[dict], args, extra: dict, *, done: bool) -> str:
+    """The largest-batch section of BENCHMARKS.md: machine, versions, command and the table;
+    `done`: the sweep ended (out of memory or at --max_batch_size), not written mid-way."""
+    from experiments import zoo
+    m = zoo.machine()
+    first = next((r["cnnjax"] for r in rows if r["cnnjax"]), None)
+    kind = first["device_kind"] if first else m["devices"]
+    torch = next((r["torch"] for r in rows if r.get("torch")), None)
+    peak = bf16_peak(kind) if args.dtype == "bfloat16" else None
+    fraction = "% of bf16 peak" if peak else "% of peak"
+    fraction_env = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "unset (0.75)")
+    lines = [
+        f"## Largest batch: {args.arch} on {kind}", "",
+        "Written by `" + args.command + "`; never edited by hand.", "",
+        f"Machine: {kind}"
+        + (f" ({first['device_memory_limit'] / 2**30:.1f} GiB usable by XLA)"
+           if first and first.get("device_memory_limit") else "")
+        + f", host {m['cpu']} with {m['cores']} cores; jax {m['jax']}, jaxlib {m['jaxlib']}, "
+        f"flax {m['flax']}"
+        + (f"; PyTorch {torch['torch']}, torchvision {torch['torchvision']}" if torch else "")
+        + f"; XLA_PYTHON_CLIENT_MEM_FRACTION={fraction_env}; {m['date']}.", "",
+        f"One {args.mode} step at {args.image_size}x{args.image_size}, {args.dtype} compute "
+        "(float32 parameters), SGD with Nesterov momentum and BatchNorm updates, random inputs "
+        "already on the device; each size and framework in its own fresh process, "
+        f"{args.rounds} time(s) (median), its steps timed after a warm-up. cnnjax with "
+        f"`--conv={args.conv}`; PyTorch eager with channels_last"
+        + (", bfloat16 autocast" if args.dtype == "bfloat16" else "")
+        + " (cuDNN autotuning on a GPU). Model TFLOP/s counts 3 x 2 x the profile's multiply-adds "
+        "per image for a train step (forward, input and weight gradients).", "",
+        f"| batch | cnnjax img/s | PyTorch img/s | ratio | cnnjax step ms | compile s | "
+        f"model TFLOP/s | {fraction} | XLA temp GiB |",
+        "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        a, t = r["cnnjax"], r.get("torch")
+        cells = [str(r["batch_size"])]
+        cells.append(f"{a['img_per_s']:.0f}" if a else "does not fit")
+        cells.append((f"{t['img_per_s']:.0f}" if t else "does not fit") if "torch" in r
+                     else "-")
+        cells.append(f"{a['img_per_s'] / t['img_per_s']:.2f}" if a and t else "-")
+        if a:
+            tf = a["model_tflop_per_s"]
+            cells += [f"{a['step_ms']:.1f}", f"{a['compile_s']:.1f}", f"{tf:.0f}",
+                      f"{100 * tf / peak:.0f}%" if peak else "-",
+                      f"{(a['temp_bytes'] or 0) / 2**30:.1f}"]
+        else:
+            cells += ["-"] * 5
+        lines.append("| " + " | ".join(cells) + " |")
+    fits = [r for r in rows if r["cnnjax"]]
+    notes = []
+    if fits:
+        best = max(fits, key=lambda r: r["cnnjax"]["img_per_s"])
+        if not done:
+            head = (f"Written while the sweep ran (or it was stopped): sizes above "
+                    f"{rows[-1]['batch_size']} not measured. Largest batch that fits so far")
+        elif fits[-1] is rows[-1]:
+            head = "Every size up to --max_batch_size fits; the largest"
+        else:
+            head = "Largest batch that fits"
+        notes.append(f"{head} (cnnjax): {fits[-1]['batch_size']}; fastest: "
+                     f"{best['cnnjax']['img_per_s']:.0f} img/s at batch {best['batch_size']}.")
+        if "xla" in extra:
+            x = extra["xla"]
+            notes.append(f"At batch {best['batch_size']} with `--conv=xla`: "
+                         f"{x['img_per_s']:.0f} img/s, so cnnjax's CPU fast paths cost the GPU "
+                         f"{100 * (1 - best['cnnjax']['img_per_s'] / x['img_per_s']):+.1f}% "
+                         "(on an accelerator every convolution is XLA's).")
+        tf = best["cnnjax"]["model_tflop_per_s"]
+        if peak:
+            notes.append(f"Datasheet dense bf16 peak of this chip: {peak:.0f} TFLOP/s; the "
+                         f"fastest step reaches {100 * tf / peak:.0f}% of it.")
+        if extra.get("matmul_tflop_per_s"):
+            mm = extra["matmul_tflop_per_s"]
+            notes.append(f"A bf16 8192x8192x8192 matrix product in this run: {mm:.0f} TFLOP/s; "
+                         f"the fastest step reaches {100 * tf / mm:.0f}% of that.")
+        if args.arch == "resnet50" and "H100" in kind:
+            notes.append(f"For scale: NVIDIA's MLPerf Training v4.0 ResNet-50 result is about "
+                         f"{MLPERF_H100_IMG_PER_S:,} img/s per H100 (DALI input, fused "
+                         f"kernels); cnnjax's fastest here is "
+                         f"{best['cnnjax']['img_per_s'] / MLPERF_H100_IMG_PER_S:.2f} of it.")
+    return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def render_benchmarks(rows: list[dict], args) -> str:

@@ -1,7 +1,10 @@
 """experiments.benchmark against PyTorch: --compare=torch and --all run both frameworks in fresh
-processes and write BENCHMARKS.md; the committed BENCHMARKS.md came from that command."""
+processes and write BENCHMARKS.md; --largest_batch doubles the batch until the step no longer
+fits in device memory and writes its own section; the committed BENCHMARKS.md came from those
+commands."""
 import json
 import pathlib
+import re
 
 import numpy as np
 import pytest
@@ -16,6 +19,9 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "ALL_ARCHS", ("resnet18",))
     out = tmp_path / "B.md"
+    kept = f"{benchmark.LARGEST_START}\n## Largest batch: an earlier GPU run\n" \
+           f"{benchmark.LARGEST_END}"
+    out.write_text(f"# old table\n\n{kept}\n")
     argv = ["--all", "--rounds=1", "--steps=1", "--batch_size=2", "--image_size=32",
             "--num_classes=10", f"--out={out}"]
     assert benchmark.main(argv) == 0
@@ -28,6 +34,8 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
         assert r["compile_s"] > 0 and r["flops"] > 0 and r["temp_bytes_per_image"] > 0
         assert len(r["rounds"]["cnnjax"]) == len(r["rounds"]["torch"]) == 1
     text = out.read_text()
+    assert "# old table" not in text and text.endswith(f"\n{kept}\n"), (
+        "--all rewrites its table and keeps the largest-batch section")
     assert f"Written by `python -m experiments.benchmark {' '.join(argv)}`" in text
     assert "PyTorch 2." in text and "| resnet18 | " in text
     table_row = next(line for line in text.splitlines() if line.startswith("| resnet18 |"))
@@ -40,6 +48,129 @@ def test_the_committed_benchmarks_were_written_by_the_harness():
     text = (ROOT / "BENCHMARKS.md").read_text()
     assert "Written by `python -m experiments.benchmark --all" in text, (
         "python -m experiments.benchmark --all writes BENCHMARKS.md")
-    rows = [line.split("|")[1].strip() for line in text.splitlines()
+    table = text.split(benchmark.LARGEST_START)[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| arch")]
     assert rows == list(benchmark.ALL_ARCHS)
+    gpu = benchmark.section(text)
+    assert gpu and "Written by `python -m experiments.benchmark --arch=resnet50 " \
+                   "--dtype=bfloat16 --largest_batch --compare=torch" in gpu
+    assert "on NVIDIA H100" in gpu and "| 1024 | " in gpu
+    fastest = re.search(r"fastest: (\d+) img/s at batch (\d+)", gpu)
+    readme = (ROOT / "README.md").read_text()
+    assert f"{int(fastest[1]):,} img/s at batch {fastest[2]}".replace(" img/s", "") in \
+        readme.replace(" img/s", "").replace("\n", " "), "the README quotes the section"
+
+
+def fake_child(fits_up_to: dict):
+    """run_child's stand-in: a result per framework while the batch is at most
+    `fits_up_to[framework]`, None (out of memory) above; the argv of every call recorded."""
+    calls = []
+
+    def run_child(argv, *, oom_ok=False):
+        calls.append(argv)
+        opts = dict(a[2:].split("=", 1) for a in argv if "=" in a)
+        side, n = opts["framework"], int(opts["batch_size"])
+        if n > fits_up_to[side]:
+            assert oom_ok
+            return None
+        result = {"framework": side, "batch_size": n, "img_per_s": 10.0 * n, "step_ms": 100.0}
+        if side == "cnnjax":
+            result.update(device_kind="FakeChip", device_memory_limit=2**30, compile_s=1.0,
+                          model_tflop_per_s=0.5, temp_bytes=n * 2**20, conv=opts["conv"])
+        else:
+            result.update(torch="9.9", torchvision="0.9")
+        return result
+    return run_child, calls
+
+
+def test_largest_batch_doubles_until_neither_framework_fits(tmp_path, monkeypatch, capsys):
+    run_child, calls = fake_child({"cnnjax": 8, "torch": 4})
+    monkeypatch.setattr(benchmark, "run_child", run_child)
+    out = tmp_path / "B.md"
+    out.write_text("# Benchmarks\n\nthe --all table\n")
+    argv = ["--arch=resnet18", "--largest_batch", "--compare=torch", "--batch_size=2",
+            "--rounds=1", "--image_size=32", f"--out={out}"]
+    assert benchmark.main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["batch_size"] for r in lines[:-1]] == [2, 4, 8, 16]
+    assert [r["torch"] is None for r in lines[:-1]] == [False, False, True, True]
+    assert [r["cnnjax"] is None for r in lines[:-1]] == [False, False, False, True]
+    assert lines[-1] == {"largest_batch": 16}  # the CPU: no --conv=xla rerun, no matmul
+    assert [(a[-1] if "cnnjax" in " ".join(a) else "torch") for a in calls][:2] == \
+        ["--conv=auto", "torch"]
+    text = out.read_text()
+    assert text.startswith("# Benchmarks\n\nthe --all table\n"), "the rest of --out stays"
+    gpu = benchmark.section(text)
+    assert f"Written by `python -m experiments.benchmark {' '.join(argv)}`" in gpu
+    assert "## Largest batch: resnet18 on FakeChip" in gpu
+    assert "| 4 | 40 | 40 | 1.00 | 100.0 | 1.0 | 0 | - | 0.0 |" in gpu
+    assert "| 8 | 80 | does not fit | - |" in gpu
+    assert "| 16 | does not fit | does not fit | - | - |" in gpu
+    assert "Largest batch that fits (cnnjax): 8; fastest: 80 img/s at batch 8." in gpu
+    # a second sweep replaces the section, never appends another
+    assert benchmark.main(argv) == 0
+    assert out.read_text().count(benchmark.LARGEST_START) == 1
+
+
+def test_largest_batch_stops_at_max_batch_size_and_says_so(tmp_path, monkeypatch, capsys):
+    run_child, _ = fake_child({"cnnjax": 10**6})
+    monkeypatch.setattr(benchmark, "run_child", run_child)
+    out = tmp_path / "B.md"
+    assert benchmark.main(["--arch=resnet18", "--largest_batch", "--batch_size=4",
+                           "--max_batch_size=16", "--rounds=3", f"--out={out}"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()][:-1]
+    assert [r["batch_size"] for r in rows] == [4, 8, 16]
+    assert rows[0]["cnnjax"]["rounds"] == [40.0] * 3 and "torch" not in rows[0]
+    assert "Every size up to --max_batch_size fits; the largest (cnnjax): 16" in out.read_text()
+
+
+def test_a_step_that_does_not_fit_exits_3_with_one_line(monkeypatch, capsys):
+    def too_big(*args):
+        raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.0GiB"
+                           "\n<thousands of lines of HLO>")
+    monkeypatch.setattr(benchmark, "build_step", lambda *a: (None,) * 5)  # no model needed
+    monkeypatch.setattr(benchmark, "time_step", too_big)
+    code = benchmark.main(["--arch=resnet18", "--image_size=32", "--batch_size=4096"])
+    err = capsys.readouterr().err
+    assert code == benchmark.EXIT_OOM == 3
+    assert err.count("\n") == 1 and err.startswith(
+        "error: --batch_size=4096: one train step of resnet18 does not fit in the memory of ")
+    assert "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 81.0GiB); use a " \
+           "smaller --batch_size" in err
+    monkeypatch.setattr(benchmark, "time_step", lambda *a: 1 / 0)  # anything else propagates
+    with pytest.raises(ZeroDivisionError):
+        benchmark.main(["--arch=resnet18", "--image_size=32", "--batch_size=2"])
+
+
+@pytest.mark.parametrize("error, oom", [
+    (RuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3 bytes"), True),
+    (MemoryError("the compiled step needs 90 GiB"), True),
+    (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory."), True),
+    (RuntimeError("INVALID_ARGUMENT: shapes do not match"), False),
+    (ValueError("bad flag"), False)])
+def test_out_of_memory_is_told_apart_from_other_failures(error, oom):
+    assert benchmark.out_of_memory(error) is oom
+
+
+def test_run_child_maps_exit_3_to_none_only_when_asked(monkeypatch):
+    import subprocess
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen.update(kw["env"])
+        return subprocess.CompletedProcess(cmd, 3, "", "error: does not fit\n")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(benchmark, "_preallocation_off", True)
+    monkeypatch.setenv(benchmark.PREALLOCATE, "false")
+    assert benchmark.run_child(["--arch=resnet18"], oom_ok=True) is None
+    assert benchmark.PREALLOCATE not in seen, "the children preallocate as the user left it"
+    with pytest.raises(RuntimeError, match="failed \\(exit 3\\):\nerror: does not fit"):
+        benchmark.run_child(["--arch=resnet18"])
+
+
+def test_matmul_rate_is_measured():
+    assert benchmark.matmul_tflop_per_s(n=128, repeats=2) > 0
+    assert benchmark.bf16_peak("NVIDIA H100 80GB HBM3") == 989.4
+    assert benchmark.bf16_peak("NVIDIA H100 PCIe") == 756.0
+    assert benchmark.bf16_peak("cpu") is None
