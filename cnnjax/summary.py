@@ -3,6 +3,7 @@
     python -m cnnjax.summary --arch=alexnet --input_size=227
     python -m cnnjax.summary --arch=resnet50 --format=markdown
     python -m cnnjax.summary --arch=alexnet --input_size=227 --plot=alexnet.png  # also the bars
+    python -m cnnjax.summary --arch_spec=runs/nas/best_spec.json --in_channels=1 --num_classes=10
 
 Columns: layer, kind, input C and HxW, filters, kernel, stride, pad, output C and HxW, memory
 (KB of output activations at batch 1), params (thousands) and MFLOP, where, as in the lecture and
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -84,9 +86,15 @@ def render(prof: Profile, fmt: str = "table") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = flags.ArgumentParser(prog="python -m cnnjax.summary", description=__doc__,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", required=True, help="a registered model name")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--arch", help="a registered model name")
+    which.add_argument("--arch_spec", metavar="PATH",
+                       help="a cnnjax.nas spec file (a search's best_spec.json)")
     parser.add_argument("--input_size", type=int, default=None,
-                        help="input height and width (default: the size the model is quoted at)")
+                        help="input height and width (default: the size the model is quoted "
+                             "at; a spec's: the size it was searched at)")
+    parser.add_argument("--in_channels", type=int, default=3)
+    parser.add_argument("--num_classes", type=int, default=1000)
     parser.add_argument("--format", choices=("table", "csv", "json", "markdown"), default="table")
     parser.add_argument("--plot", default=None, metavar="PATH",
                         help="also draw per-layer bars of memory, params and MACs to PATH")
@@ -97,11 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         flags.optional(flags.POSITIVE_INT).check("input_size", args.input_size)
         flags.optional(flags.POSITIVE_INT).check("plot_depth", args.plot_depth)
+        flags.POSITIVE_INT.check("in_channels", args.in_channels)
+        flags.POSITIVE_INT.check("num_classes", args.num_classes)
         if args.plot is not None:
             from cnnjax import plots
             plots.check_path("plot", args.plot)
-        size = model_spec(args.arch).input_size if args.input_size is None else args.input_size
-        prof = profile(args.arch, size)
+        heads = {"num_classes": args.num_classes, "in_channels": args.in_channels}
+        if args.arch_spec is not None:
+            from cnnjax import nas
+            try:
+                spec = nas.load_spec(args.arch_spec)
+            except nas.SpecError as e:
+                raise ValueError(f"--arch_spec: {e}") from None
+            model = nas.build(spec, **heads)
+            size = spec.space.input_size if args.input_size is None else args.input_size
+            prof = dataclasses.replace(profile(model, size), name=model.arch)
+        else:
+            size = model_spec(args.arch).input_size if args.input_size is None \
+                else args.input_size
+            prof = profile(args.arch, size, **heads)
         text = render(prof, args.format)
     except ValueError as e:
         return flags.fail(e)

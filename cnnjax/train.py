@@ -708,11 +708,15 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
 
     bad = BadSteps(config.max_bad_steps)
 
+    # an --arch_spec network is kept with its spec: its checkpoints load without the spec file
+    spec = None if config.arch_spec is None else nas_spec_json(config.arch_spec)
+
     def checkpoint_record(step: int) -> dict:
         return {"identity": config.identity(),
                 "data_position": {"step": step, "seed": config.seed, "epoch": step // spe},
                 "config": dataclasses.asdict(config), "init_from": started_from,
-                "model": {"num_classes": info.num_classes, "in_channels": info.channels}}
+                "model": {"num_classes": info.num_classes, "in_channels": info.channels},
+                **({"spec": spec} if spec else {})}
 
     # One save in flight at a time across both managers: their background threads then never
     # meet at cross-process barriers in different orders on different processes.
@@ -861,6 +865,12 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
     return {**summary, "state": state}
 
 
+def nas_spec_json(path: str | os.PathLike) -> dict:
+    """The JSON object of the cnnjax.nas spec file at `path`, validated."""
+    from cnnjax import nas
+    return nas.load_spec(path).to_json()
+
+
 def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None, *,
                     best: bool = False) -> tuple[nn.Module, dict, dict]:
     """(model, variables, record) of a run's checkpoint, for inference or fine-tuning:
@@ -885,7 +895,11 @@ def load_checkpoint(workdir: str | pathlib.Path, step: int | None = None, *,
                          f"{', '.join(map(str, steps))}")
     state, record = ckpt.Checkpointer(workdir, create=False, subdir=subdir).restore_on_host(step)
     config = TrainConfig(**record["config"])
-    model = config.create_model(dtype=jnp.dtype(config.dtype), **record["model"])
+    if "spec" in record:  # an --arch_spec run: its network from the spec saved with it
+        from cnnjax import nas
+        model = nas.build(record["spec"], dtype=jnp.dtype(config.dtype), **record["model"])
+    else:
+        model = config.create_model(dtype=jnp.dtype(config.dtype), **record["model"])
     variables = {"params": state["params"]}
     if state.get("batch_stats"):
         variables["batch_stats"] = state["batch_stats"]

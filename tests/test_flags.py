@@ -225,6 +225,10 @@ SUMMARY_CASES = {
     "too small": (["--input_size=32"], "alexnet needs an input of at least 63x63 pixels"),
     "arch": (["--arch=alexx"], "unknown model 'alexx'; did you mean alexnet?"),
     "format": (["--format=html"], "argument --format: invalid choice: 'html'"),
+    "in_channels=0": (["--in_channels=0"], "--in_channels=0 must be a positive integer"),
+    "num_classes<0": (["--num_classes=-1"], "--num_classes=-1 must be a positive integer"),
+    "arch and spec": (["--arch_spec=best_spec.json"],
+                      "argument --arch_spec: not allowed with argument --arch"),
     "unknown flag": (["--inputsize=3"], "unrecognized arguments: --inputsize=3; did you mean "
                                         "--input_size?"),
 }

@@ -14,6 +14,7 @@ import pytest
 
 import cnnjax
 from cnnjax import checkpoint, nas
+from cnnjax import summary as summary_cli
 from cnnjax.nas import controller as ctl
 from cnnjax.nas import reinforce, search, shared
 from cnnjax.nas.space import Layer, Space, Spec, SpecError
@@ -337,7 +338,8 @@ def test_the_children_use_the_validation_split_not_the_test_split(data_dir):
 
 def test_arch_spec_trains_the_found_network(search_run, data_dir, tmp_path):
     root, _ = search_run
-    spec_path = root / "whole" / "best_spec.json"
+    spec_path = tmp_path / "best_spec.json"  # a copy, removed after training
+    spec_path.write_text((root / "whole" / "best_spec.json").read_text())
     code, err = call(train_cli.main, [f"--arch_spec={spec_path}", f"--data_dir={data_dir}",
                                       f"--workdir={tmp_path / 'run'}", "--num_steps=3",
                                       "--batch_size=16"])
@@ -346,9 +348,23 @@ def test_arch_spec_trains_the_found_network(search_run, data_dir, tmp_path):
     name = nas.load_spec(spec_path).name
     assert summary["arch"] == name and summary["eval_count"] == 360
     assert f"{name} on digits (1437 train / 360 test, 8x8x1)" in err
-    model, variables, _ = load_checkpoint(tmp_path / "run")
-    assert model.arch == name
+    spec_json = nas.load_spec(spec_path).to_json()
+    spec_path.unlink()  # the checkpoint holds the spec: it loads without the file
+    model, variables, record = load_checkpoint(tmp_path / "run")
+    assert model.arch == name and record["spec"] == spec_json
     assert model.apply(variables, jnp.zeros((2, 8, 8, 1)), train=False).shape == (2, 10)
+    # cnnjax.summary prints the found network's table as any registered model's
+    best = root / "whole" / "best_spec.json"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert summary_cli.main([f"--arch_spec={best}", "--in_channels=1", "--num_classes=10",
+                             "--format=json"]) == 0
+    table = json.loads(out.getvalue())
+    params, macs = nas.cost(nas.load_spec(best), in_channels=1, num_classes=10)
+    assert table["model"] == name and table["input_shape"] == [1, 8, 8, 1]
+    assert (table["params"], table["macs"]) == (params, macs)
+    code, err = call(summary_cli.main, [f"--arch_spec={spec_path}"])  # removed above
+    assert code == 2 and "--arch_spec: cannot read the spec file" in one_line_error(err)
 
 
 def test_an_invalid_spec_file_is_one_clear_line(data_dir, tmp_path):
