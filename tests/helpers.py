@@ -1,10 +1,15 @@
 """Helpers shared by the tests: the train CLI in-process, a run's metrics, a port, the models
-whose siblings stand in for them."""
+whose siblings stand in for them, a train step's outputs and residuals for recompute options."""
 import contextlib
 import io
 import json
+import math
 import pathlib
 import socket
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from experiments import train as train_cli
 
@@ -41,3 +46,39 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_step_outputs(model, w):
+    """Logits, BatchNorm updates and parameter gradients of a fixed linear loss, train mode."""
+    def step(variables, x):
+        def loss(params):
+            logits, updates = model.apply({**variables, "params": params}, x, train=True,
+                                          mutable=["batch_stats"],
+                                          rngs={"dropout": jax.random.key(7)})
+            return jnp.sum(logits * w), (logits, updates)
+        grads, (logits, updates) = jax.grad(loss, has_aux=True)(variables["params"])
+        return logits, updates, grads
+    return step
+
+
+def residual_bytes(model, variables, x) -> int:
+    """Bytes the forward pass keeps for the backward pass (the VJP's residuals), by tracing."""
+    def pullback(variables):  # real arrays or only their shapes (jax.eval_shape of init)
+        def f(p):
+            return model.apply({**variables, "params": p}, x, train=True,
+                               mutable=["batch_stats"], rngs={"dropout": jax.random.key(7)})[0]
+        return jax.vjp(f, variables["params"])[1]
+    shapes = jax.eval_shape(pullback, variables)
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(shapes))
+
+
+def assert_tree_close(a, b, rel=1e-4):
+    """Leaf by leaf, to `rel` of the leaf's norm, or of the whole tree's for a near-zero leaf
+    (BN scales right before another BN get gradients ~1e-5 of the rest, pure rounding noise)."""
+    total = np.sqrt(sum(np.sum(np.square(np.asarray(u, np.float64)))
+                        for u in jax.tree_util.tree_leaves(a)))
+    for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
+        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
+        err = np.linalg.norm(u - v)
+        assert err <= rel * max(np.linalg.norm(u), 1e-3 * total), (
+            f"{jax.tree_util.keystr(path)}: |a - b| = {err:.3g}, |a| = {np.linalg.norm(u):.3g}")

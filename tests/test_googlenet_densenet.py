@@ -1,6 +1,5 @@
 """GoogLeNet (torchvision's and the paper's) and DenseNet: aux heads, paper numbers, remat."""
 import functools
-import math
 
 import chex
 import flax.linen as nn
@@ -13,6 +12,7 @@ import cnnjax
 from cnnjax.models import googlenet
 from cnnjax.models.densenet import DenseNet
 from conftest import read_csv
+from helpers import assert_tree_close, residual_bytes, train_step_outputs
 
 TORCHVISION = {r["model"]: r for r in read_csv("torchvision_reference.csv")}
 DERIVED = {r["model"]: r for r in read_csv("derived_counts.csv")}
@@ -197,42 +197,6 @@ def test_densenet_layout(name, growth, blocks, stem, final):
     assert channels == final and params["fc"]["kernel"].shape == (final, 10)
 
 
-def _train_step(model, w):
-    """Logits, BatchNorm updates and parameter gradients of a fixed linear loss, train mode."""
-    def step(variables, x):
-        def loss(params):
-            logits, updates = model.apply({**variables, "params": params}, x, train=True,
-                                          mutable=["batch_stats"],
-                                          rngs={"dropout": jax.random.key(7)})
-            return jnp.sum(logits * w), (logits, updates)
-        grads, (logits, updates) = jax.grad(loss, has_aux=True)(variables["params"])
-        return logits, updates, grads
-    return step
-
-
-def _residual_bytes(model, variables, x) -> int:
-    """Bytes the forward pass keeps for the backward pass (the VJP's residuals), by tracing."""
-    def pullback(params):
-        def f(p):
-            return model.apply({**variables, "params": p}, x, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": jax.random.key(7)})[0]
-        return jax.vjp(f, params)[1]
-    shapes = jax.eval_shape(pullback, variables["params"])
-    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree_util.tree_leaves(shapes))
-
-
-def _assert_close(a, b, rel=1e-4):
-    """Leaf by leaf, to `rel` of the leaf's norm, or of the whole tree's for a near-zero leaf
-    (BN scales right before another BN get gradients ~1e-5 of the rest, pure rounding noise)."""
-    total = np.sqrt(sum(np.sum(np.square(np.asarray(u, np.float64)))
-                        for u in jax.tree_util.tree_leaves(a)))
-    for (path, u), v in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)):
-        u, v = np.asarray(u, np.float64), np.asarray(v, np.float64)
-        err = np.linalg.norm(u - v)
-        assert err <= rel * max(np.linalg.norm(u), 1e-3 * total), (
-            f"{jax.tree_util.keystr(path)}: |a - b| = {err:.3g}, |a| = {np.linalg.norm(u):.3g}")
-
-
 def test_memory_efficient_is_the_same_function_on_the_same_variables():
     """A small DenseNet (with dropout): same params tree, logits, BN updates and gradients."""
     tiny = functools.partial(DenseNet, arch="densenet_tiny", growth_rate=8, block_config=(2, 3),
@@ -244,13 +208,13 @@ def test_memory_efficient_is_the_same_function_on_the_same_variables():
     assert (jax.tree_util.tree_structure(efficient.init(jax.random.key(1), x, train=False))
             == jax.tree_util.tree_structure(variables))
     w = jax.random.normal(jax.random.key(2), (4, 5))
-    a = jax.jit(_train_step(plain, w))(variables, x)
-    b = jax.jit(_train_step(efficient, w))(variables, x)
+    a = jax.jit(train_step_outputs(plain, w))(variables, x)
+    b = jax.jit(train_step_outputs(efficient, w))(variables, x)
     for part_a, part_b in zip(a, b):  # logits, BatchNorm updates, gradients
-        _assert_close(part_a, part_b)
+        assert_tree_close(part_a, part_b)
     assert _nonzero(b[2])
     # The point of the option: fewer bytes kept from the forward pass for the backward pass.
-    assert _residual_bytes(efficient, variables, x) < 0.9 * _residual_bytes(plain, variables, x)
+    assert residual_bytes(efficient, variables, x) < 0.9 * residual_bytes(plain, variables, x)
 
 
 def test_drop_rate_uses_the_dropout_rng():
@@ -285,7 +249,7 @@ def densenet121_at_64():
     variables = jax.jit(functools.partial(models[False].init, train=False))(jax.random.key(1), x)
     # Full float32 convolutions: on GPUs the default (TF32) rounds the two schedules differently.
     with jax.default_matmul_precision("highest"):
-        steps = {eff: jax.jit(_train_step(m, w)).lower(variables, x).compile()
+        steps = {eff: jax.jit(train_step_outputs(m, w)).lower(variables, x).compile()
                  for eff, m in models.items()}
     return models, variables, x, steps
 
@@ -296,7 +260,7 @@ def test_densenet121_memory_efficient_same_logits_and_gradients(densenet121_at_6
     plain, efficient = steps[False](variables, x), steps[True](variables, x)
     chex.assert_tree_all_finite(efficient)
     for part_a, part_b in zip(plain, efficient):  # logits, BatchNorm updates, gradients
-        _assert_close(part_a, part_b)
+        assert_tree_close(part_a, part_b)
 
 
 @pytest.mark.slow
@@ -308,7 +272,7 @@ def test_densenet121_memory_efficient_keeps_less_for_the_backward_pass(densenet1
     beyond scheduling noise: with the 1x1 convolutions as matrix products (fastconv) the two
     settings differ by 0.12% (121.05 -> 121.20 MB), with XLA's convolution not at all."""
     models, variables, x, steps = densenet121_at_64
-    res = {eff: _residual_bytes(m, variables, x) for eff, m in models.items()}
+    res = {eff: residual_bytes(m, variables, x) for eff, m in models.items()}
     temp = {eff: s.memory_analysis().temp_size_in_bytes for eff, s in steps.items()}
     print(f"\ndensenet121 train step, batch 8, 64x64, {jax.default_backend()}: residuals "
           f"{res[False]:,} -> {res[True]:,} bytes; XLA temp {temp[False]:,} -> {temp[True]:,} "

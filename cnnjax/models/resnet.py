@@ -5,6 +5,11 @@ ResNet v1.5 by default, as torchvision: a downsampling bottleneck puts its strid
 and Wide ResNet are the bottleneck with other `groups` / `width_per_group`; SE-ResNet is the same
 network with a squeeze-excite `attention` on every residual branch (Hu et al. 2018, r=16).
 
+`remat=True` recomputes each residual block in the backward pass (`flax.linen.remat`, gradient
+checkpointing) instead of keeping its activations: the train step keeps little more than the
+blocks' inputs, for about one more forward pass of compute; parameters, their names and the
+outputs do not change.
+
 `features_only=True` returns the last block of each stage instead of logits (ResNet-50's
 channels): stride4 stage1 (256), stride8 stage2 (512), stride16 stage3 (1024), stride32 stage4
 (2048); the head (global pool, fc) is not built.
@@ -93,6 +98,7 @@ class ResNet(nn.Module):
     se_reduction: int | None = None
     stride_in_1x1: bool = False
     zero_init_residual: bool = False
+    remat: bool = False  # recompute each block in the backward pass instead of keeping it
     in_channels: int = 3
     min_input_size: int = 1  # every conv and pool is padded: any size reaches a 1x1 map
     dtype: Any = jnp.float32
@@ -110,11 +116,15 @@ class ResNet(nn.Module):
                                           dtype=self.dtype, param_dtype=self.param_dtype)
         block = self.block
         if block is Bottleneck:
-            block = functools.partial(Bottleneck, groups=self.groups,
+            # a remat'd block keeps its name, its parameters' paths and its scope in the trace
+            block = functools.partial(nn.remat(Bottleneck) if self.remat else Bottleneck,
+                                      groups=self.groups,
                                       width_per_group=self.width_per_group,
                                       stride_in_1x1=self.stride_in_1x1)
         elif self.groups != 1 or self.width_per_group != 64:
             raise ValueError(f"{self.arch}: BasicBlock supports only groups=1, width_per_group=64")
+        elif self.remat:
+            block = nn.remat(block)
 
         x = x.astype(self.dtype)
         x = nn.relu(norm(name="bn_init")(conv(64, 7, 2, name="conv_init")(x)))
