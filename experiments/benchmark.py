@@ -50,6 +50,9 @@ RULES = {name: flags.optional(flags.POSITIVE_INT)
 WARMUP_BATCHES = 2  # input mode: batches that fill the pipeline before timing starts
 INPUT_START, INPUT_END = "<!-- input-benchmark:start -->", "<!-- input-benchmark:end -->"
 LARGEST_START, LARGEST_END = "<!-- largest-batch:start -->", "<!-- largest-batch:end -->"
+EVERY_START, EVERY_END = "<!-- every-arch:start -->", "<!-- every-arch:end -->"
+# The sections of BENCHMARKS.md that commands other than --all write (and --all keeps).
+SECTIONS = {"largest": (LARGEST_START, LARGEST_END), "every": (EVERY_START, EVERY_END)}
 EXIT_OOM = 3  # a step that does not fit in the device's memory (a child's exit status)
 # Dense bfloat16 matrix-unit peaks from NVIDIA's datasheets, TFLOP/s, by device-kind substring.
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
@@ -89,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="double --batch_size (default 64) in fresh processes until the step "
                         "no longer fits in device memory (with --compare=torch, PyTorch's "
                         "too); write the results as the largest-batch section of --out")
+    p.add_argument("--every_arch", action="store_true",
+                   help="the step of every registered architecture, each in a fresh process: "
+                        "compile seconds, step time, temporary memory per image; written as "
+                        "the every-architecture section of --out")
     p.add_argument("--max_batch_size", type=int, default=4096,
                    help="--largest_batch: the largest size tried")
     p.add_argument("--out", default="BENCHMARKS.md",
@@ -108,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "input":
         if not args.dataset:
             p.error("the following arguments are required: --dataset")
-    elif not args.arch and not args.all:
+    elif not args.arch and not args.all and not args.every_arch:
         p.error("the following arguments are required: --arch")
     if args.compare or args.all or args.largest_batch:
         # this process only starts others: it must not take the GPU's memory from them
@@ -119,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
         flags.check(vars(args), RULES)
         check_comparison(args)
         check_largest_batch(args)
+        check_every_arch(args)
     except ValueError as e:
         return flags.fail(e)
     if args.mode == "input":
         return input_benchmark(args)
     if args.largest_batch:
         return largest_batch(args)
+    if args.every_arch:
+        return every_arch(args)
     if args.all:
         return all_benchmarks(args)
     if args.compare:
@@ -194,8 +204,9 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
                           f"the device allows {limit / 2**30:.1f} GiB")
     # the paper convention for a train step: forward, input gradient and weight gradient
     passes = 3 if args.mode == "train" else 1
-    model_flops = 2 * passes * args.batch_size * profile(
-        args.arch, args.image_size, num_classes=args.num_classes).macs
+    prof = profile(args.arch, args.image_size, num_classes=args.num_classes,
+                   **({"memory_efficient": True} if args.memory_efficient else {}))
+    model_flops = 2 * passes * args.batch_size * prof.macs
 
     def run(state):
         out = compiled(state, batch)
@@ -219,6 +230,7 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
         "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
         "compile_s": compile_s, "flops": flops,
         "gflop_per_s": flops * args.steps / dt / 1e9 if flops else None,
+        "params": prof.params, "macs": prof.macs, "steps": args.steps,
         "model_flops": model_flops, "model_tflop_per_s": model_flops * args.steps / dt / 1e12,
         "device_memory_limit": limit,
         "temp_bytes": temp, "temp_bytes_per_image": temp / args.batch_size if temp else None,
@@ -454,25 +466,88 @@ def all_benchmarks(args) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         out = pathlib.Path(args.out)
-        kept = section(out.read_text()) if out.is_file() else None  # --largest_batch's
-        out.write_text(render_benchmarks(rows, args) + (f"\n{kept}\n" if kept else ""))
+        old = out.read_text() if out.is_file() else ""
+        kept = "".join(f"\n{block}\n" for block in (section(old, name) for name in SECTIONS)
+                       if block)  # what --largest_batch and --every_arch wrote
+        out.write_text(render_benchmarks(rows, args) + kept)
     return 0
 
 
-def section(text: str) -> str | None:
-    """The largest-batch section of a BENCHMARKS.md text, markers included (None if absent)."""
-    if LARGEST_START not in text or LARGEST_END not in text:
+def section(text: str, name: str = "largest") -> str | None:
+    """Section `name` of SECTIONS in a BENCHMARKS.md text, markers included (None if absent)."""
+    start, end = SECTIONS[name]
+    if start not in text or end not in text:
         return None
-    return text[text.index(LARGEST_START):text.index(LARGEST_END) + len(LARGEST_END)]
+    return text[text.index(start):text.index(end) + len(end)]
 
 
-def write_section(path: pathlib.Path, body: str) -> None:
-    """Puts `body` between the largest-batch markers of `path`, in place of what was there, or
-    at its end; the rest of the file stays as it was."""
-    block = f"{LARGEST_START}\n{body}\n{LARGEST_END}"
+def write_section(path: pathlib.Path, body: str, name: str = "largest") -> None:
+    """Puts `body` between the markers of section `name` of `path`, in place of what was there,
+    or at its end; the rest of the file stays as it was."""
+    start, end = SECTIONS[name]
+    block = f"{start}\n{body}\n{end}"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    old = section(text)
+    old = section(text, name)
     path.write_text(text.replace(old, block) if old else f"{text.rstrip()}\n\n{block}\n")
+
+
+def check_every_arch(args) -> None:
+    if not args.every_arch:
+        return
+    if args.arch or args.all or args.largest_batch or args.compare or args.mode == "input" \
+            or args.framework == "torch":
+        raise ValueError("--every_arch times cnnjax's step of every registered architecture; "
+                         "drop --arch, --all, --largest_batch, --compare, --framework and "
+                         "--mode=input")
+    check_out(args)
+
+
+def every_arch(args) -> int:
+    """--every_arch: each registered architecture's step in a fresh process, one after another;
+    --out's every-architecture section rewritten after each. One that fails is reported in its
+    row and the command exits 1 at the end."""
+    from cnnjax.models.registry import list_models
+    rows, failed = [], False
+    for arch in list_models():
+        sized = argparse.Namespace(**{**vars(args), "arch": arch})
+        try:
+            row = run_child(child_argv(sized, "cnnjax"), oom_ok=True) or \
+                {"arch": arch, "error": "does not fit in memory"}
+        except RuntimeError as e:
+            row, failed = {"arch": arch, "error": first_line(e)}, True
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        write_section(pathlib.Path(args.out), render_every(rows, args), "every")
+    return 1 if failed else 0
+
+
+def render_every(rows: list[dict], args) -> str:
+    """The every-architecture section: machine, versions, command and one row per model."""
+    from experiments import zoo
+    m = zoo.machine()
+    first = next((r for r in rows if "error" not in r), {})
+    lines = [
+        "## Every architecture: compile time, step time, memory", "",
+        "Written by `" + args.command + "`; never edited by hand.", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores ({m['devices']}); Python {m['python']}, "
+        f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; {m['date']}.", "",
+        f"One {args.mode} step of cnnjax (`--conv={args.conv}`) at batch "
+        f"{first.get('batch_size', args.batch_size or 8)}, {args.image_size}x{args.image_size}, "
+        f"{args.dtype}, each architecture in a fresh process: XLA compile seconds of the step, "
+        f"then {first.get('steps', '')} steps timed after a warm-up (few steps: a survey, not "
+        "the --all comparison); temporary memory is XLA's analysis of the compiled step, per "
+        "image. Parameters and multiply-adds (GMACs, at this size) from `cnnjax.profile`.", "",
+        "| arch | params (M) | GMACs | compile s | step ms | img/s | temp MiB/image |",
+        "|---|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['arch']} | {r['params'] / 1e6:.2f} | {r['macs'] / 1e9:.2f} | "
+            f"{r['compile_s']:.1f} | {r['step_ms']:.0f} | {r['img_per_s']:.2f} | "
+            f"{(r['temp_bytes_per_image'] or 0) / 2**20:.0f} |")
+    return "\n".join(lines)
 
 
 def largest_batch(args) -> int:

@@ -20,7 +20,8 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
     monkeypatch.setattr(benchmark, "ALL_ARCHS", ("resnet18",))
     out = tmp_path / "B.md"
     kept = f"{benchmark.LARGEST_START}\n## Largest batch: an earlier GPU run\n" \
-           f"{benchmark.LARGEST_END}"
+           f"{benchmark.LARGEST_END}\n\n{benchmark.EVERY_START}\n## Every architecture\n" \
+           f"{benchmark.EVERY_END}"
     out.write_text(f"# old table\n\n{kept}\n")
     argv = ["--all", "--rounds=1", "--steps=1", "--batch_size=2", "--image_size=32",
             "--num_classes=10", f"--out={out}"]
@@ -35,7 +36,7 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
         assert len(r["rounds"]["cnnjax"]) == len(r["rounds"]["torch"]) == 1
     text = out.read_text()
     assert "# old table" not in text and text.endswith(f"\n{kept}\n"), (
-        "--all rewrites its table and keeps the largest-batch section")
+        "--all rewrites its table and keeps the sections the other commands wrote")
     assert f"Written by `python -m experiments.benchmark {' '.join(argv)}`" in text
     assert "PyTorch 2." in text and "| resnet18 | " in text
     table_row = next(line for line in text.splitlines() if line.startswith("| resnet18 |"))
@@ -174,3 +175,43 @@ def test_matmul_rate_is_measured():
     assert benchmark.bf16_peak("NVIDIA H100 80GB HBM3") == 989.4
     assert benchmark.bf16_peak("NVIDIA H100 PCIe") == 756.0
     assert benchmark.bf16_peak("cpu") is None
+
+
+def test_every_arch_times_each_registered_model_in_its_own_process(tmp_path, monkeypatch,
+                                                                   capsys):
+    from cnnjax.models import registry
+    monkeypatch.setattr(registry, "list_models", lambda: ["resnet18", "vgg11", "alexnet"])
+    seen = []
+
+    def run_child(argv, *, oom_ok=False):
+        seen.append(argv)
+        arch = argv[0].split("=")[1]
+        if arch == "vgg11":
+            raise RuntimeError("python -m experiments.benchmark --arch=vgg11 failed (exit 1):\n"
+                               "Traceback ...")
+        if arch == "alexnet":
+            return None  # out of memory
+        return {"arch": arch, "batch_size": 8, "steps": 2, "params": 11_689_512,
+                "macs": 1_818_554_368, "compile_s": 4.25, "step_ms": 2500.0, "img_per_s": 3.2,
+                "temp_bytes_per_image": 47 * 2**20}
+    monkeypatch.setattr(benchmark, "run_child", run_child)
+    out = tmp_path / "B.md"
+    argv = ["--every_arch", "--steps=2", f"--out={out}"]
+    assert benchmark.main(argv) == 1  # vgg11 failed: reported, the others still measured
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["arch"] for r in rows] == ["resnet18", "vgg11", "alexnet"]
+    assert all("--framework=cnnjax" in a and "--steps=2" in a for a in seen)
+    text = benchmark.section(out.read_text(), "every")
+    assert f"Written by `python -m experiments.benchmark {' '.join(argv)}`" in text
+    assert "| resnet18 | 11.69 | 1.82 | 4.2 | 2500 | 3.20 | 47 |" in text
+    assert "| vgg11 | python -m experiments.benchmark --arch=vgg11 failed (exit 1): | " in text
+    assert "| alexnet | does not fit in memory |" in text
+
+
+def test_the_committed_every_arch_section_covers_the_registry():
+    from cnnjax.models.registry import list_models
+    text = benchmark.section((ROOT / "BENCHMARKS.md").read_text(), "every")
+    assert text and "Written by `python -m experiments.benchmark --every_arch" in text
+    rows = [line.split("|")[1].strip() for line in text.splitlines()
+            if line.startswith("| ") and not line.startswith("| arch")]
+    assert rows == list(list_models())
