@@ -70,9 +70,21 @@ def test_pointwise_as_a_matrix_product_matches_xla(c, f, groups, stride):
     assert_same_as_xla(x, k, (stride, stride), ((0, 0), (0, 0)), groups, "dot")
 
 
+@pytest.mark.parametrize("h, c, f, groups, stride, pad", [
+    (9, 8, 8, 4, 1, 1),     # ResNeXt's grouped 3x3 (2 channels a group)
+    (9, 12, 6, 3, 2, 1),    # stride 2 on an odd map, fewer outputs than inputs
+    (8, 8, 16, 2, 2, 0),    # unpadded, more outputs a group than inputs
+])
+def test_grouped_as_shifted_batched_products_matches_xla(h, c, f, groups, stride, pad):
+    x = jax.random.normal(jax.random.key(0), (2, h, h + 1, c))
+    k = jax.random.normal(jax.random.key(1), (3, 3, c // groups, f))
+    assert_same_as_xla(x, k, (stride, stride), ((pad, pad), (pad, pad)), groups, "grouped")
+
+
 def test_bfloat16_stays_bfloat16_and_close_to_xla():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8), jnp.bfloat16)
     for k, groups in ((jax.random.normal(jax.random.key(1), (3, 3, 1, 8), jnp.bfloat16), 8),
+                      (jax.random.normal(jax.random.key(1), (3, 3, 2, 8), jnp.bfloat16), 4),
                       (jax.random.normal(jax.random.key(1), (1, 1, 8, 4), jnp.bfloat16), 1)):
         pad = ((1, 1), (1, 1)) if k.shape[0] == 3 else ((0, 0), (0, 0))
         ours, ref = (conv_and_grads(impl, x, k, (1, 1), pad, groups)[0] for impl in ("auto", "xla"))
@@ -83,7 +95,7 @@ def test_bfloat16_stays_bfloat16_and_close_to_xla():
 
 @pytest.mark.parametrize("x, k, strides, padding, groups, dilated, path", [
     ((8, 56, 56, 64), (3, 3, 64, 64), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # full 3x3
-    ((8, 56, 56, 64), (3, 3, 2, 64), (1, 1), ((1, 1),) * 2, 32, False, "xla"),  # ResNeXt
+    ((8, 56, 56, 64), (3, 3, 2, 64), (1, 1), ((1, 1),) * 2, 32, False, "grouped"),  # ResNeXt
     ((8, 56, 56, 64), (3, 3, 1, 128), (1, 1), ((1, 1),) * 2, 64, False, "xla"),  # multiplier 2
     ((8, 56, 56, 64), (3, 3, 1, 64), (1, 1), ((1, 1),) * 2, 64, True, "xla"),  # dilated
     ((8, 56, 56, 64), (1, 1, 64, 64), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # padded 1x1
