@@ -58,8 +58,8 @@ EXIT_OOM = 3  # a step that does not fit in the device's memory (a child's exit 
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
                     ("L4", 121.0), ("V100", 125.0))
 MLPERF_H100_IMG_PER_S = 7190  # NVIDIA's MLPerf Training v4.0 ResNet-50 result, per H100
-# Set when this process (a parent of --compare, --all or --largest_batch) turned XLA's GPU
-# preallocation off for itself; its children get the variable as the user left it.
+# Set when this process (a parent of --compare, --all, --largest_batch or --every_arch) turned
+# XLA's GPU preallocation off for itself; its children get the variable as the user left it.
 PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
 _preallocation_off = False
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_batch_size", type=int, default=4096,
                    help="--largest_batch: the largest size tried")
     p.add_argument("--out", default="BENCHMARKS.md",
-                   help="--all and --largest_batch: the Markdown file written")
+                   help="--all, --largest_batch and --every_arch: the Markdown file written")
     p.add_argument("--dataset", help="--mode=input: a named dataset with encoded images")
     p.add_argument("--data_dir", help="--mode=input: where it is prepared")
     p.add_argument("--workers", type=int, help="--mode=input: decode workers (default 1, 2 "
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             p.error("the following arguments are required: --dataset")
     elif not args.arch and not args.all and not args.every_arch:
         p.error("the following arguments are required: --arch")
-    if args.compare or args.all or args.largest_batch:
+    if args.compare or args.all or args.largest_batch or args.every_arch:
         # this process only starts others: it must not take the GPU's memory from them
         global _preallocation_off
         if PREALLOCATE not in os.environ:
