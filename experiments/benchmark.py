@@ -155,10 +155,33 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - only running out of device memory is handled
         if not out_of_memory(e):
             raise
-        return flags.fail(f"--batch_size={args.batch_size}: one {args.mode} step of "
-                          f"{args.arch} does not fit in the memory of "
-                          f"{jax.devices()[0].device_kind} ({first_line(e)}); use a smaller "
-                          "--batch_size", EXIT_OOM)
+        return too_big(args, f"the memory of {jax.devices()[0].device_kind}", e)
+
+
+def too_big(args, where: str, e: BaseException) -> int:
+    """The one-line error (exit status EXIT_OOM) of a step that does not fit in `where`."""
+    return flags.fail(f"--batch_size={args.batch_size}: one {args.mode} step of {args.arch} "
+                      f"does not fit in {where} ({first_line(e)}); use a smaller --batch_size",
+                      EXIT_OOM)
+
+
+def options(args) -> dict:
+    """The model options the flags set: DenseNet's memory_efficient."""
+    return {"memory_efficient": True} if args.memory_efficient else {}
+
+
+def replaced(args, **changes) -> argparse.Namespace:
+    """A copy of the parsed flags with `changes` (a child's arch or batch size)."""
+    return argparse.Namespace(**{**vars(args), **changes})
+
+
+def check_model(args, arch: str, batch_size: int) -> None:
+    """What the cnnjax side would refuse for `arch`, refused in one line before any process
+    starts: an image too small for it, a batch the devices do not divide."""
+    from cnnjax import parallel, train
+    from cnnjax.models.registry import create_model
+    train.check_image_size(args.image_size, create_model(arch, **options(args)))
+    parallel.check_batch_size(batch_size, jax.device_count())
 
 
 def out_of_memory(e: BaseException) -> bool:
@@ -204,8 +227,7 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
                           f"the device allows {limit / 2**30:.1f} GiB")
     # the paper convention for a train step: forward, input gradient and weight gradient
     passes = 3 if args.mode == "train" else 1
-    prof = profile(args.arch, args.image_size, num_classes=args.num_classes,
-                   **({"memory_efficient": True} if args.memory_efficient else {}))
+    prof = profile(args.arch, args.image_size, num_classes=args.num_classes, **options(args))
     model_flops = 2 * passes * args.batch_size * prof.macs
 
     def run(state):
@@ -265,17 +287,13 @@ def check_comparison(args) -> None:
     if importlib.util.find_spec("torch") is None or \
             importlib.util.find_spec("torchvision") is None:
         raise ValueError(TORCH_MISSING)
-    from cnnjax import convert, parallel, train
-    from cnnjax.models.registry import create_model
+    from cnnjax import convert
     shared = convert.shared_architectures()
-    overrides = {"memory_efficient": True} if args.memory_efficient else {}
     for arch in ([args.arch] if args.arch else ALL_ARCHS):
         if arch not in shared:
             raise ValueError(f"--arch={arch} has no torchvision counterpart to compare with; "
                              f"torchvision has {', '.join(shared)}")
-        # what the cnnjax side would refuse, refused here in one line before any process starts
-        train.check_image_size(args.image_size, create_model(arch, **overrides))
-    parallel.check_batch_size(args.batch_size or 8, jax.device_count())
+        check_model(args, arch, args.batch_size or (64 if args.largest_batch else 8))
     if args.all:
         check_out(args)
 
@@ -298,11 +316,7 @@ def check_largest_batch(args) -> None:
         raise ValueError(f"--batch_size={start} is above --max_batch_size="
                          f"{args.max_batch_size}: nothing to sweep")
     if not args.compare:  # check_comparison has checked the architecture then
-        from cnnjax import parallel, train
-        from cnnjax.models.registry import create_model
-        overrides = {"memory_efficient": True} if args.memory_efficient else {}
-        train.check_image_size(args.image_size, create_model(args.arch, **overrides))
-        parallel.check_batch_size(start, jax.device_count())
+        check_model(args, args.arch, start)
     check_out(args)
 
 
@@ -316,9 +330,7 @@ def torch_benchmark(args) -> int:
     try:
         return _torch_benchmark(args, torch)
     except torch.OutOfMemoryError as e:
-        return flags.fail(f"--batch_size={args.batch_size}: one {args.mode} step of "
-                          f"{args.arch} does not fit in the GPU's memory in PyTorch "
-                          f"({first_line(e)}); use a smaller --batch_size", EXIT_OOM)
+        return too_big(args, "the GPU's memory in PyTorch", e)
 
 
 def _torch_benchmark(args, torch) -> int:
@@ -331,8 +343,8 @@ def _torch_benchmark(args, torch) -> int:
     args.batch_size = args.batch_size or 8
     args.steps = args.steps or (30 if device.type == "cuda" else 5)
     classes = args.num_classes or 1000
-    extra = {"memory_efficient": True} if args.memory_efficient else {}
-    model = torchvision.models.get_model(args.arch, weights=None, num_classes=classes, **extra)
+    model = torchvision.models.get_model(args.arch, weights=None, num_classes=classes,
+                                         **options(args))
     model = model.to(device, memory_format=torch.channels_last)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(
         device, memory_format=torch.channels_last)
@@ -509,7 +521,7 @@ def every_arch(args) -> int:
     from cnnjax.models.registry import list_models
     rows, failed = [], False
     for arch in list_models():
-        sized = argparse.Namespace(**{**vars(args), "arch": arch})
+        sized = replaced(args, arch=arch)
         try:
             row = run_child(child_argv(sized, "cnnjax"), oom_ok=True) or \
                 {"arch": arch, "error": "does not fit in memory"}
@@ -560,7 +572,7 @@ def largest_batch(args) -> int:
     sides = ("cnnjax", "torch") if args.compare else ("cnnjax",)
     try:
         while size <= args.max_batch_size:
-            sized = argparse.Namespace(**{**vars(args), "batch_size": size})
+            sized = replaced(args, batch_size=size)
             row = {"batch_size": size}
             for side in sides:
                 runs = [run_child(child_argv(sized, side), oom_ok=True)
@@ -576,7 +588,7 @@ def largest_batch(args) -> int:
         fits = [r for r in rows if r["cnnjax"]]
         if fits and args.conv == "auto" and jax.default_backend() != "cpu":
             best = max(fits, key=lambda r: r["cnnjax"]["img_per_s"])
-            sized = argparse.Namespace(**{**vars(args), "batch_size": best["batch_size"]})
+            sized = replaced(args, batch_size=best["batch_size"])
             extra["xla"] = median_run([run_child(child_argv(sized, "cnnjax", "xla"))
                                        for _ in range(args.rounds)])
         if jax.default_backend() != "cpu":
@@ -736,9 +748,8 @@ def build_step(args, num_classes: int, channels: int):
     bad combination)."""
     from cnnjax import parallel, train
     from cnnjax.models.registry import create_model
-    overrides = {"memory_efficient": True} if args.memory_efficient else {}
     model = create_model(args.arch, num_classes=num_classes, dtype=jnp.dtype(args.dtype),
-                         **overrides)
+                         **options(args))
     train.check_image_size(args.image_size, model)
     mesh = parallel.make_mesh()
     parallel.check_batch_size(args.batch_size, mesh.size)

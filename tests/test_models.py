@@ -61,15 +61,11 @@ def test_forward_train_and_gradients(name):
     variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
     w = jax.random.normal(jax.random.key(2), (2, 10))
 
+    train_step = train_step_outputs(model, w)
+
     @jax.jit
     def run(variables, x):
-        def loss(params):
-            logits, updates = model.apply({**variables, "params": params}, x, train=True,
-                                          mutable=["batch_stats"],
-                                          rngs={"dropout": jax.random.key(3)})
-            return jnp.sum(logits * w), (logits, updates)
-        grads, (train_logits, updates) = jax.grad(loss, has_aux=True)(variables["params"])
-        return model.apply(variables, x, train=False), train_logits, updates, grads
+        return (model.apply(variables, x, train=False), *train_step(variables, x))
 
     eval_logits, train_logits, updates, grads = run(variables, x)
     chex.assert_shape([eval_logits, train_logits], (2, 10))
