@@ -4,6 +4,10 @@
     python -m experiments.nas --workdir=runs/enas --mode=shared_weights   # ENAS weight sharing
     python -m experiments.train --arch_spec=runs/nas/best_spec.json       # retrain the best
 
+The children of a controller step are spread over every device of every process: on a pod (or
+with --coordinator_address=HOST:PORT --num_processes=N --process_id=I off one) each process
+trains its share and all get every reward, so m children train at once.
+
 Each controller step samples --children_per_step children from the search space (--space:
 JSON of cnnjax.nas.Space fields, e.g. '{"num_layers": 4}'), scores each by its accuracy on a
 validation split held out of the training split, and takes a policy-gradient step. Rerunning
@@ -36,22 +40,34 @@ def _parser() -> argparse.ArgumentParser:
                    else repr(f.default))
         p.add_argument(f"--{f.name}", type=base, default=None, required=f.name == "workdir",
                        help=f"default: {default}")
+    p.add_argument("--coordinator_address", default=None)
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse's errors: one line, exit status 2
+    from cnnjax import parallel
     from cnnjax.nas.search import SearchConfig, run
-    given = {k: v for k, v in vars(args).items() if k != "quiet" and v is not None}
+    own = ("quiet", "coordinator_address", "num_processes", "process_id")
+    given = {k: v for k, v in vars(args).items() if k not in own and v is not None}
     try:
         config = SearchConfig(**given)
         config.validate()  # every flag, before any JAX work, data preparation or write
+        if (parallel.check_processes(args.coordinator_address, args.num_processes,
+                                     args.process_id)
+                and args.num_processes > 1 and config.mode == "shared_weights"):
+            raise ValueError("--mode=shared_weights runs in one process (one supergraph on one "
+                             "device): give --num_processes only with --mode=train_children")
+        parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
         summary = run(config, verbose=not args.quiet)
     except ValueError as e:  # bad input: one clear line, no traceback
         return flags.fail(e)
     best = summary["best"]
-    if best is not None:
+    import jax
+    if best is not None and jax.process_index() == 0:
         print(f"best {best['name']}: reward {best['reward']:.4f}, {best['params']:,} params, "
               f"{best['macs']:,} MACs; first/last mean reward {summary['first_mean_reward']:.4f}"
               f" / {summary['last_mean_reward']:.4f}; {summary['wall_s']:.0f} s")

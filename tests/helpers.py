@@ -1,11 +1,15 @@
-"""Helpers shared by the tests: the train CLI in-process, a run's metrics, a port, the models
-whose siblings stand in for them, a train step's outputs and residuals for recompute options."""
+"""Helpers shared by the tests: the train CLI in-process and in real processes, a run's
+metrics, a port, the models whose siblings stand in for them, a train step's outputs and
+residuals for recompute options."""
 import contextlib
 import io
 import json
 import math
+import os
 import pathlib
 import socket
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -46,6 +50,37 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def env(devices: int, xla_flags: str = "") -> dict:
+    """The environment of a process of this checkout with `devices` CPU devices."""
+    e = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
+    e.pop("JAX_NUM_CPU_DEVICES", None)
+    return e
+
+
+def start(args, processes=1, devices=1, module="experiments.train", xla_flags=""):
+    """The real CLI `python -m MODULE ARGS`: `processes` processes on 127.0.0.1 (each with
+    `devices` CPU devices)."""
+    base = [sys.executable, "-m", module, *args]
+    multi = [[]] if processes == 1 else [
+        [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+         f"--process_id={i}"] for port in [free_port()] for i in range(processes)]
+    return [subprocess.Popen(base + extra, env=env(devices, xla_flags), cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for extra in multi]
+
+
+def finish(procs, timeout=600) -> list[str]:
+    """Waits for every process; their stderr. Fails on a non-zero exit status."""
+    errs = [p.communicate(timeout=timeout)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+    return errs
 
 
 def train_step_outputs(model, w):

@@ -20,7 +20,7 @@ import pytest
 from flax import serialization
 
 from cnnjax import checkpoint, data, parallel, train
-from helpers import cli, free_port, read_metrics
+from helpers import cli, env, finish, read_metrics, start
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC = {"space": {"num_layers": 2, "input_size": 8},
@@ -209,34 +209,6 @@ def test_a_failed_save_is_one_clear_error_and_the_last_checkpoint_stays(
 
 
 # ----- real processes ------------------------------------------------------------------------
-
-def env(devices: int) -> dict:
-    e = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"))
-    e.pop("JAX_NUM_CPU_DEVICES", None)
-    return e
-
-
-def start(args, processes=1, devices=1):
-    """The real CLI: `processes` processes on 127.0.0.1 (each with `devices` CPU devices)."""
-    base = [sys.executable, "-m", "experiments.train", *args]
-    if processes == 1:
-        return [subprocess.Popen(base, env=env(devices), cwd=ROOT, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)]
-    port = free_port()
-    return [subprocess.Popen(base + [f"--coordinator_address=127.0.0.1:{port}",
-                                     f"--num_processes={processes}", f"--process_id={i}"],
-                             env=env(devices), cwd=ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for i in range(processes)]
-
-
-def finish(procs, timeout=600) -> list[str]:
-    """Waits for every process; their stderr. Fails on a non-zero exit status."""
-    errs = [p.communicate(timeout=timeout)[1] for p in procs]
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err[-3000:]
-    return errs
-
 
 def wait_for_step(workdir, step, procs, timeout=300) -> None:
     """Until metrics.jsonl shows `step` (the run is in its loop, past compilation)."""

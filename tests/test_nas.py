@@ -21,6 +21,7 @@ from cnnjax.nas.space import Layer, Space, Spec, SpecError
 from cnnjax.train import load_checkpoint
 from experiments import nas as nas_cli
 from experiments import train as train_cli
+from helpers import finish, start
 
 # Compiling dominates these tiny programs: XLA's CPU backend without its LLVM optimisations.
 fast_jit = lambda fun: search.jit_on(jax.devices()[0], fun)  # noqa: E731
@@ -327,6 +328,47 @@ def test_a_killed_search_resumes_to_the_same_children(search_run):
             == (root / "whole" / "best_spec.json").read_text())
 
 
+def test_children_go_round_the_processes_then_round_each_ones_devices():
+    assert search.placement(4, 1, 0, 1) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert search.placement(4, 1, 0, 8) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert search.placement(5, 2, 0, 2) == [(0, 0), (2, 1), (4, 0)]
+    assert search.placement(5, 2, 1, 2) == [(1, 0), (3, 1)]
+    assert search.placement(1, 2, 1, 4) == []  # fewer children than processes: this one waits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes, devices", [(1, 8), (2, 1)])
+def test_a_search_spread_over_devices_or_processes_writes_what_one_device_writes(
+        search_run, data_dir, tmp_path, processes, devices):
+    """The real CLI on 8 CPU devices (the 2 children of a step on devices 0 and 1), and as 2
+    processes on 127.0.0.1 (one child each; every process gets both rewards and takes the same
+    controller step). A child trains on one device with the same program wherever it runs, so
+    every record but where it ran equals the one-device run's, bit for bit; only process 0
+    writes or prints."""
+    root, _ = search_run
+    w = tmp_path / "w"
+    errs = finish(start([f"--workdir={w}", f"--data_dir={data_dir}", *TINY],
+                        processes=processes, devices=devices, module="experiments.nas"))
+    rows = [json.loads(l) for l in (w / "children.jsonl").read_text().splitlines()]
+    # child k on device k of the one process, or on process k % 2 (its only device, whose
+    # global id JAX numbers by process)
+    where = [(r["process"], r["device"]) for r in rows]
+    if processes == 1:
+        assert where == [(0, 0), (0, 1)] * 2
+    else:
+        assert [p for p, _ in where] == [0, 1] * 2 and where[:2] == where[2:]
+        assert where[0][1] != where[1][1]
+    one = [json.loads(l) for l in (root / "whole" / "children.jsonl").read_text().splitlines()]
+    assert [(r["process"], r["device"]) for r in one] == [(0, 0)] * 4
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("process", "device")}  # noqa: E731
+    assert [strip(r) for r in rows] == [strip(r) for r in one]
+    for name in ("controller.jsonl", "best_spec.json"):
+        assert (w / name).read_text() == (root / "whole" / name).read_text(), name
+    assert checkpoint.saved_steps(w) == [1, 2]
+    progress = [[l for l in err.splitlines() if l.startswith("step ")] for err in errs]
+    assert [len(lines) for lines in progress] == [2] + [0] * (processes - 1)
+
+
 def test_the_children_use_the_validation_split_not_the_test_split(data_dir):
     split = search.holdout("digits", data_dir, 8, 0.2)
     assert len(split.train_y) + len(split.val_y) == 1437  # the training split only
@@ -394,6 +436,9 @@ def test_an_invalid_spec_file_is_one_clear_line(data_dir, tmp_path):
     (['--space={"filters": [8], "depth": 2}'], r"--space=.*space has unknown field 'depth'"),
     (['--space={"kernel_heights": [2]}'], r"kernel_heights must be odd"),
     (['--mode=shared_weights', '--space={"strides": [1, 2]}'], r"needs strides \[1\]"),
+    (["--mode=shared_weights", "--coordinator_address=127.0.0.1:1", "--num_processes=2",
+      "--process_id=0"], r"--mode=shared_weights runs in one process"),
+    (["--num_processes=2"], r"multi-process runs need all of --coordinator_address"),
     (["--hand_designed=resnet19"], r"unknown model 'resnet19'; did you mean resnet18"),
     (["--dataset=imagenet"], r"unknown dataset 'imagenet'"),
     (["--controller_step=3"], r"unrecognized arguments.*did you mean --controller_steps"),

@@ -2,7 +2,6 @@
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 
 from cnnjax import checkpoint, data, parallel, train
 from experiments import train as train_cli
+import helpers
 from helpers import cli, free_port, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -30,11 +30,7 @@ SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=120
 
 
 def env(devices: int) -> dict:
-    flags = f"--xla_force_host_platform_device_count={devices} {SLOW_CPU_COLLECTIVES}"
-    e = dict(os.environ, XLA_FLAGS=flags,
-             PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"))
-    e.pop("JAX_NUM_CPU_DEVICES", None)
-    return e
+    return helpers.env(devices, SLOW_CPU_COLLECTIVES)
 
 
 def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir):

@@ -9,7 +9,8 @@ steps; `shared_weights` (ENAS, Pham et al. 2018; cnnjax.nas.shared) trains one s
 through the sampled children's paths and scores children with its weights.
 
 WORKDIR gets children.jsonl (one row per child: controller_step, spec, reward, accuracy,
-params, MACs from cnnjax.profile), controller.jsonl (one row per controller step),
+params, MACs from cnnjax.profile; in train_children mode also the process and device that
+trained it), controller.jsonl (one row per controller step),
 hand_designed.jsonl (registered models trained on the same data and budget), best_spec.json,
 search_curves.png, search_children.png and orbax checkpoints of the controller (and the shared
 weights). Every controller step is checkpointed; rerunning the same command resumes and writes
@@ -29,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import SingleDeviceSharding
 
 from cnnjax import checkpoint as ckpt
@@ -174,6 +176,12 @@ def holdout(dataset: str, data_dir: str | None, image_size: int, val_fraction: f
 # Training a child (or a hand-designed model) from scratch with cnnjax.train's step
 
 
+def placement(m: int, processes: int, process: int, devices: int) -> list[tuple[int, int]]:
+    """(model, local device index) for each of the `m` models that `process` trains: model k
+    on process k % processes, the i-th of a process's models on its device i % devices."""
+    return [(k, i % devices) for i, k in enumerate(range(process, m, processes))]
+
+
 def child_seed(seed: int, step: int, child: int) -> int:
     return int(transforms.hash_key(seed, step, child)[0] % np.uint64(2**31))
 
@@ -199,9 +207,11 @@ class ChildTrainer:
     BatchNorm statistics recomputed from 4 training batches first, as cnnjax.train does before
     every eval.
 
-    The models of one call are spread over this process's devices, model k on device k % n,
-    and stepped in turn: JAX dispatches asynchronously, so models on different devices train
-    at the same time. Each model's numbers do not depend on where it ran."""
+    The models of one call are spread over the processes and their devices (`placement`):
+    each process trains its share, stepping its models in turn (JAX dispatches asynchronously,
+    so models on different devices train at the same time), and every process gets every
+    accuracy back. A model trains on one device, so its numbers do not depend on where it ran:
+    one process with 8 devices, or 2 processes, write the same children.jsonl as 1 device."""
 
     def __init__(self, cfg: SearchConfig, split: Holdout, image_size: int):
         self.cfg, self.split, self.image_size = cfg, split, image_size
@@ -215,28 +225,35 @@ class ChildTrainer:
                                                      cfg.child_steps)
         self.tx = train.make_optimizer(self.config, self.schedule)
         self.devices = jax.local_devices()
+        self.process, self.processes = jax.process_index(), jax.process_count()
+        self.where: list[dict] = []  # the last call's models: the process and device of each
 
     def __call__(self, models: list, seeds: list[int]) -> list[float]:
         cfg, split = self.cfg, self.split
         runs = []
-        for k, (model, seed) in enumerate(zip(models, seeds)):
-            device = self.devices[k % len(self.devices)]
-            init, step, score = self._programs(model, device)
-            runs.append({"device": device, "state": init(seed), "step": step, "score": score,
-                         "parts": (cfg.seed, seed)})
+        for k, d in placement(len(models), self.processes, self.process, len(self.devices)):
+            device = self.devices[d]
+            init, step, score = self._programs(models[k], device)
+            runs.append({"child": k, "device": device, "state": init(seeds[k]), "step": step,
+                         "score": score, "parts": (cfg.seed, seeds[k])})
         for s in range(cfg.child_steps):
             for run in runs:
                 batch = jax.device_put(split.batch(run["parts"], s, cfg.child_batch_size),
                                        run["device"])
                 run["state"], _ = run["step"](run["state"], batch)
-        accuracies = []
+        # per model: correct, scored, and the process and device that trained it
+        counts = np.zeros((len(models), 4), np.int32)
         for run in runs:
             calib = [split.batch(run["parts"], cfg.child_steps + i, cfg.child_batch_size)
                      for i in range(4)]
             args = jax.device_put((calib, split.validation()), run["device"])
             sums = jax.device_get(run["score"](run["state"], *args))
-            accuracies.append(int(sums["top1"]) / int(sums["count"]))
-        return accuracies
+            counts[run["child"]] = (int(sums["top1"]), int(sums["count"]), self.process,
+                                    run["device"].id)
+        if self.processes > 1:  # each model was scored by one process, zeros elsewhere
+            counts = multihost_utils.process_allgather(counts).sum(axis=0)
+        self.where = [{"process": int(p), "device": int(d)} for _, _, p, d in counts]
+        return [int(c) / int(n) for c, n, _, _ in counts]
 
     def _programs(self, model, device) -> tuple:
         """The jitted init, train step and score of `model` on `device`, compiled once per
@@ -328,9 +345,15 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
     """Runs (or resumes) the search `cfg` describes; returns a summary. `stop_after` ends this
     call after that many controller steps (as a kill would, but cleanly)."""
     cfg.validate()
+    main = jax.process_index() == 0  # reads as every process does; the only one that writes
+    if cfg.mode == "shared_weights" and jax.process_count() > 1:
+        raise ValueError(f"--mode=shared_weights runs in one process (one supergraph on one "
+                         f"device), not {jax.process_count()}: spread --mode=train_children "
+                         "over processes, or run shared_weights without --num_processes")
     total = cfg.total_steps()
     stream = sys.stderr if stream is None else stream
-    say = (lambda text: print(text, file=stream, flush=True)) if verbose else (lambda text: None)
+    say = ((lambda text: print(text, file=stream, flush=True)) if verbose and main
+           else (lambda text: None))
     t_start = time.perf_counter()
     space = cfg.make_space()
     workdir = pathlib.Path(cfg.workdir)
@@ -354,22 +377,27 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
         rewarder = None
         trainer = ChildTrainer(cfg, split, image_size)
 
+    # Checkpoints hold the state as host arrays: each process's copy lives on its own first
+    # device, which a multi-process save could not name; process 0 writes them.
     start = 0
-    if ckpt.saved_steps(workdir):
-        checkpoints = ckpt.Checkpointer(workdir)
+    checkpoints = ckpt.Checkpointer(workdir)
+    if checkpoints.latest_step() is not None:
         checkpoints.check_identity(cfg.identity())
-        state, record = checkpoints.restore(ckpt.abstract_like(state))
+        state, record = checkpoints.restore(jax.device_get(state))
+        state = jax.device_put(state, jax.local_devices()[0])
         start = int(record["controller_step"])
-    else:
-        checkpoints = ckpt.Checkpointer(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "search_config.json").write_text(json.dumps(cfg.identity(), indent=1))
     children_path, steps_path = workdir / "children.jsonl", workdir / "controller.jsonl"
     # Rows of steps after the checkpoint (a kill between writing them and saving) are redone.
     children = [r for r in _read_jsonl(children_path) if r["controller_step"] < start]
     steps = [r for r in _read_jsonl(steps_path) if r["controller_step"] < start]
-    _write_jsonl(children_path, children)
-    _write_jsonl(steps_path, steps)
+    hand_rows = _read_jsonl(workdir / "hand_designed.jsonl")
+    if jax.process_count() > 1:  # every process has read before process 0 writes
+        multihost_utils.sync_global_devices("cnnjax.nas: workdir read")
+    if main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "search_config.json").write_text(json.dumps(cfg.identity(), indent=1))
+        _write_jsonl(children_path, children)
+        _write_jsonl(steps_path, steps)
 
     num_classes, channels = split.num_classes, split.channels
     say(f"NAS ({cfg.mode}) on {cfg.dataset}: {len(split.train_y)} train / {len(split.val_y)} "
@@ -378,8 +406,8 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
         f"space; {total} controller steps x {m} children"
         + (f", resuming at step {start}" if start else "") + f"; workdir {workdir}")
 
-    hand = hand_designed(cfg, split, image_size, workdir, say) if start < total \
-        else _read_jsonl(workdir / "hand_designed.jsonl")
+    hand = hand_designed(cfg, split, image_size, workdir, say, hand_rows) if start < total \
+        else hand_rows
     end = total if stop_after is None else min(total, start + stop_after)
     try:
         for t in range(start, end):
@@ -407,24 +435,29 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
                                image_size)
                 rows.append({"controller_step": t, "child": k, "name": spec.name,
                              "reward": reward, "accuracy": acc, "params": prof.params,
-                             "macs": prof.macs, "spec": spec.to_json()})
+                             "macs": prof.macs, "spec": spec.to_json(),
+                             **(trainer.where[k] if rewarder is None else {})})
             children += rows
             best = best_row(children)
             step_row = {"controller_step": t, "mean_reward": float(np.mean(rewards)),
                         "baseline": metrics["baseline"], "entropy": metrics["entropy"],
                         "best_reward": best["reward"], "best": best["name"]}
             steps.append(step_row)
-            _append_jsonl(children_path, rows)
-            _append_jsonl(steps_path, [step_row])
-            (workdir / "best_spec.json").write_text(json.dumps(best["spec"], indent=1) + "\n")
-            checkpoints.save(t + 1, state, {"identity": cfg.identity(), "controller_step": t + 1})
+            if main:
+                _append_jsonl(children_path, rows)
+                _append_jsonl(steps_path, [step_row])
+                (workdir / "best_spec.json").write_text(json.dumps(best["spec"], indent=1)
+                                                        + "\n")
+            checkpoints.save(t + 1, jax.device_get(state),
+                             {"identity": cfg.identity(), "controller_step": t + 1})
             say(f"step {t + 1}/{total}  mean reward {step_row['mean_reward']:.4f}"
                 f"  baseline {metrics['baseline']:.4f}  entropy {metrics['entropy']:.2f}  best "
                 f"{best['reward']:.4f} ({best['name']}, {best['macs'] / 1e6:.3f}M MACs)  "
                 f"{time.perf_counter() - t0:.1f} s")
     finally:
         checkpoints.close()
-    draw(workdir, children, steps, hand, cfg)
+    if main:
+        draw(workdir, children, steps, hand, cfg)
     best = best_row(children)
     summary = {"mode": cfg.mode, "controller_steps": len(steps), "children": len(children),
                "wall_s": time.perf_counter() - t_start, "best": best,
@@ -441,11 +474,12 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
 
 
 def hand_designed(cfg: SearchConfig, split: Holdout, image_size: int, workdir: pathlib.Path,
-                  say) -> list[dict]:
+                  say, done: list[dict] | None = None) -> list[dict]:
     """The registered models of --hand_designed trained as a child is (same data, steps,
-    optimizer, BN recalibration), once per workdir: hand_designed.jsonl."""
+    optimizer, BN recalibration), once per workdir: hand_designed.jsonl (`done`: its rows,
+    read by the caller; process 0 appends)."""
     path = workdir / "hand_designed.jsonl"
-    rows = {r["arch"]: r for r in _read_jsonl(path)}
+    rows = {r["arch"]: r for r in (_read_jsonl(path) if done is None else done)}
     trainer = None
     for name in cfg.hand_designed_names():
         if name in rows:
@@ -460,7 +494,8 @@ def hand_designed(cfg: SearchConfig, split: Holdout, image_size: int, workdir: p
         prof = profile(model, image_size)
         rows[name] = {"arch": name, "accuracy": acc, "params": prof.params, "macs": prof.macs,
                       "steps": cfg.child_steps}
-        _append_jsonl(path, [rows[name]])
+        if jax.process_index() == 0:
+            _append_jsonl(path, [rows[name]])
         say(f"hand-designed {name}: validation accuracy {acc:.2%} after {cfg.child_steps} steps, "
             f"{prof.params:,} params, {prof.macs:,} MACs ({time.perf_counter() - t0:.1f} s)")
     return [rows[n] for n in cfg.hand_designed_names() if n in rows]
