@@ -1,4 +1,7 @@
 """cnnjax: the classic convolutional networks, AlexNet to NAS, as functional Flax modules."""
+from cnnjax import parallel as _parallel
+
+_parallel.reserve_cpu_threads()  # before JAX's CPU backend starts: see its docstring
 from cnnjax.models import create_model, list_models
 from cnnjax.profile import Layer, Profile, profile
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import signal
 import threading
 from typing import Any, Iterable, Iterator
@@ -20,6 +21,40 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from cnnjax import flags
 
 DATA_AXIS = "data"
+
+
+def simulated_cpu_devices() -> int:
+    """The CPU device count asked for before JAX starts: XLA_FLAGS'
+    --xla_force_host_platform_device_count, JAX_NUM_CPU_DEVICES or jax_num_cpu_devices."""
+    found = re.findall(r"--xla_force_host_platform_device_count=(\d+)",
+                       os.environ.get("XLA_FLAGS", ""))
+    counts = [int(found[-1])] if found else []
+    env = os.environ.get("JAX_NUM_CPU_DEVICES", "")
+    counts += [int(env)] if env.isdecimal() else []
+    counts += [jax.config.jax_num_cpu_devices]
+    return max(counts)
+
+
+def reserve_cpu_threads() -> None:
+    """Gives XLA's CPU client two threads per simulated CPU device (PJRT_NPROC, unless set).
+
+    The client runs every device's share of a multi-device program on one thread pool, and the
+    dispatch of the next programs too; it sizes that pool max(cores, devices): one thread per
+    device with 8 simulated devices on 2 cores. A dispatch waits on its pool thread while its
+    device has 32 programs in flight (as when many small programs queue behind a long one), so
+    a few such waits can leave a collective fewer threads than devices: 7 of 8 devices wait in
+    the all-reduce for the 8th, which never starts. Two README runs on 8 devices stopped with
+    7 of 8 devices in an all-reduce, near an evaluation (where hundreds of small programs used
+    to queue); the stall could not be reproduced on demand, so this cause is read from XLA's
+    code, not seen in a stack. With two threads per device, one program's devices and the
+    next program's dispatch both fit. Works only before JAX's CPU backend starts (cnnjax's
+    import calls it); a process with one device is left alone.
+    """
+    if "PJRT_NPROC" in os.environ or "NPROC" in os.environ:
+        return
+    devices = simulated_cpu_devices()
+    if devices > 1:
+        os.environ["PJRT_NPROC"] = str(max(2 * devices, os.cpu_count() or 1))
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,

@@ -506,22 +506,39 @@ def recalibrate_batch_norm(state: TrainState, moments_step: Callable, batches) -
     hundred steps still holds most of the initial mean 0 / variance 1.
 
     A batch whose statistics are not finite (a NaN in the data) is left out; with none left
-    the running averages stay. Works eagerly and under jit.
+    the running averages stay. Works eagerly and under jit; eagerly, the sums are one program
+    per batch, not one per statistic (on a multi-device CPU, hundreds of tiny programs queued
+    behind the moments step filled XLA's per-device limit of programs in flight).
     """
     if not state.batch_stats:
         return state
-    total, count = None, 0
+    total = count = None
     for batch in batches:
         m = moments_step(state, batch)
-        ok = all_finite(m)
-        m = jax.tree_util.tree_map(lambda v: jnp.where(ok, v, 0), m)
-        total = m if total is None else jax.tree_util.tree_map(jnp.add, total, m)
-        count += ok.astype(jnp.int32)
+        total, count = (_finite_part(m) if total is None else _add_finite_part(total, count, m))
     if total is None:
         return state
-    stats = jax.tree_util.tree_map(lambda t, old: jnp.where(count > 0, t / jnp.maximum(count, 1),
-                                                            old), total, state.batch_stats)
-    return state.replace(batch_stats=stats)
+    return state.replace(batch_stats=_population(total, count, state.batch_stats))
+
+
+@jax.jit
+def _finite_part(moments: Any) -> tuple[Any, jax.Array]:
+    """(`moments`, 1) if they are all finite, else (zeros, 0)."""
+    ok = all_finite(moments)
+    return jax.tree_util.tree_map(lambda v: jnp.where(ok, v, 0), moments), ok.astype(jnp.int32)
+
+
+@jax.jit
+def _add_finite_part(total: Any, count: jax.Array, moments: Any) -> tuple[Any, jax.Array]:
+    part, ok = _finite_part(moments)
+    return jax.tree_util.tree_map(jnp.add, total, part), count + ok
+
+
+@jax.jit
+def _population(total: Any, count: jax.Array, old: Any) -> Any:
+    """The mean of the finite batches' moments; `old` where there were none."""
+    return jax.tree_util.tree_map(lambda t, o: jnp.where(count > 0, t / jnp.maximum(count, 1), o),
+                                  total, old)
 
 
 def evaluate(state: TrainState, eval_step: Callable, eval_data, mesh) -> dict[str, float]:
