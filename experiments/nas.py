@@ -50,17 +50,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse's errors: one line, exit status 2
     from cnnjax import parallel
-    from cnnjax.nas.search import SearchConfig, run
+    from cnnjax.nas.search import SearchConfig, check_processes, run
     own = ("quiet", "coordinator_address", "num_processes", "process_id")
     given = {k: v for k, v in vars(args).items() if k not in own and v is not None}
     try:
         config = SearchConfig(**given)
         config.validate()  # every flag, before any JAX work, data preparation or write
-        if (parallel.check_processes(args.coordinator_address, args.num_processes,
-                                     args.process_id)
-                and args.num_processes > 1 and config.mode == "shared_weights"):
-            raise ValueError("--mode=shared_weights runs in one process (one supergraph on one "
-                             "device): give --num_processes only with --mode=train_children")
+        if parallel.check_processes(args.coordinator_address, args.num_processes,
+                                    args.process_id):
+            check_processes(config.mode, args.num_processes)  # before the processes meet
         parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
         summary = run(config, verbose=not args.quiet)
     except ValueError as e:  # bad input: one clear line, no traceback

@@ -335,6 +335,15 @@ def check_workdir(workdir: pathlib.Path, cfg: SearchConfig) -> None:
             "that search's settings to resume it; nothing was overwritten.")
 
 
+def check_processes(mode: str, processes: int) -> None:
+    """ValueError unless `mode` can run in `processes` processes (shared_weights trains one
+    supergraph on one device: one process)."""
+    if mode == "shared_weights" and processes > 1:
+        raise ValueError(f"--mode=shared_weights runs in one process (one supergraph on one "
+                         f"device), not {processes}: spread --mode=train_children over "
+                         "processes, or run shared_weights without --num_processes")
+
+
 def best_row(rows: list[dict]) -> dict | None:
     """The child with the highest reward; the earliest among equals."""
     return max(rows, key=lambda r: r["reward"], default=None)
@@ -346,10 +355,7 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
     call after that many controller steps (as a kill would, but cleanly)."""
     cfg.validate()
     main = jax.process_index() == 0  # reads as every process does; the only one that writes
-    if cfg.mode == "shared_weights" and jax.process_count() > 1:
-        raise ValueError(f"--mode=shared_weights runs in one process (one supergraph on one "
-                         f"device), not {jax.process_count()}: spread --mode=train_children "
-                         "over processes, or run shared_weights without --num_processes")
+    check_processes(cfg.mode, jax.process_count())
     total = cfg.total_steps()
     stream = sys.stderr if stream is None else stream
     say = ((lambda text: print(text, file=stream, flush=True)) if verbose and main
