@@ -19,6 +19,7 @@ import pathlib
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -509,7 +510,8 @@ def search_children(children: Sequence[dict[str, Any]], hand: Sequence[dict[str,
     if points is not None and children:
         fig.colorbar(points, ax=axes, label="controller step that sampled the child",
                      shrink=0.9)
-    handles = [Line2D([], [], ls="", marker="o", color="C2", label="sampled child"),
+    handles = [Line2D([], [], ls="", marker="o", color=colormaps["viridis"](0.5),
+                      label="sampled child (coloured by its controller step)"),
                Line2D([], [], ls="", marker="*", ms=14, color="red", mec="black",
                       label="best child")]
     if hand:

@@ -1,6 +1,7 @@
 """Neural architecture search: the space as data, the controller, REINFORCE, the search command,
 --arch_spec, and weight sharing. Tiny on purpose (8x8 digits, few steps): CI time is scarce."""
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -572,13 +573,41 @@ def test_a_child_alone_and_in_the_supergraph_give_the_same_logits(supernet, spec
                                alone_eval(trained), rtol=1e-4, atol=1e-5)
 
 
-def test_shared_weights_search_runs(data_dir, tmp_path):
-    cfg = search.SearchConfig(workdir=str(tmp_path), mode="shared_weights", data_dir=data_dir,
-                              space={"num_layers": 3, "filters": [4, 8]}, controller_steps=2,
-                              children_per_step=3, shared_steps=5, child_batch_size=16,
-                              hand_designed="")
-    out = search.run(cfg, verbose=False)
-    rows = [json.loads(l) for l in (tmp_path / "children.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and out["best"]["reward"] == max(r["reward"] for r in rows)
+def test_uniform_children_take_every_choice_equally_often():
+    space = Space(num_layers=4, strides=(1,))
+    d = nas.uniform_decisions(space, 0, 6000)
+    assert d.shape == (6000, len(space.layout())) and d.dtype == np.int32
+    np.testing.assert_array_equal(d, nas.uniform_decisions(space, 0, 6000))
+    assert not np.array_equal(d, nas.uniform_decisions(space, 1, 6000))
+    for col, (_, kind, _) in enumerate(space.layout()):
+        n = 2 if kind == "skip" else len(space.choices(kind))
+        counts = np.bincount(d[:, col], minlength=n)
+        assert len(counts) == n and counts.min() > 0.9 * 6000 / n, (kind, counts)
+    nas.decode(space, d[0])
+
+
+def test_shared_weights_search_warms_up_and_resumes_to_the_same_children(data_dir, tmp_path):
+    settings = dict(mode="shared_weights", data_dir=data_dir, hand_designed="",
+                    space={"num_layers": 3, "filters": [4, 8]}, controller_steps=2,
+                    children_per_step=3, shared_steps=5, child_batch_size=16,
+                    child_learning_rate=1.6)  # 0.1 at this batch size
+    read = lambda w: [json.loads(l) for l in (w / "children.jsonl").read_text().splitlines()]
+    cold = search.run(search.SearchConfig(workdir=str(tmp_path / "cold"), shared_warmup=0,
+                                          **settings), verbose=False)
+    out = io.StringIO()
+    warm = search.SearchConfig(workdir=str(tmp_path / "warm"), shared_warmup=200, **settings)
+    search.run(warm, stream=out)
+    rows = read(tmp_path / "warm")
+    assert len(rows) == 6 and max(r["reward"] for r in rows) == search.best_row(rows)["reward"]
     assert all(nas.parse_spec(r["spec"]).space.strides == (1,) for r in rows)
-    assert checkpoint.saved_steps(tmp_path) == [1, 2]
+    assert checkpoint.saved_steps(tmp_path / "warm") == [1, 2]
+    assert "warm-up: 200 supergraph steps through uniformly random children" in out.getvalue()
+    # 200 steps through random paths, before the first controller step, lift its children
+    # (5 steps through 3-layer children score near the chance of 10 classes)
+    first = lambda rows: np.mean([r["accuracy"] for r in rows if r["controller_step"] == 0])
+    assert first(rows) > first(read(tmp_path / "cold")) + 0.2, (first(rows), cold)
+    # stopped after the first step (its checkpoint holds the warmed-up weights), then rerun
+    parts = dataclasses.replace(warm, workdir=str(tmp_path / "parts"))
+    search.run(parts, verbose=False, stop_after=1)
+    search.run(parts, verbose=False)
+    assert read(tmp_path / "parts") == rows

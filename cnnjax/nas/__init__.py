@@ -8,7 +8,7 @@ REINFORCE (Zoph & Le 2017), children trained from scratch or sharing weights (EN
 """
 from cnnjax.nas.net import NASNet, as_spec, build
 from cnnjax.nas.space import (Layer, Space, Spec, SpecError, cost, decode, encode, load_spec,
-                              parse_spec)
+                              parse_spec, uniform_decisions)
 
 __all__ = ["Layer", "NASNet", "Space", "Spec", "SpecError", "as_spec", "build", "cost", "decode",
-           "encode", "load_spec", "parse_spec"]
+           "encode", "load_spec", "parse_spec", "uniform_decisions"]

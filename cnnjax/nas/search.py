@@ -6,7 +6,9 @@ A child's reward is its accuracy (optionally cubed, as Zoph & Le 2017) on a vali
 held out of the dataset's TRAINING split (the test split is never read). Two ways to get it:
 `train_children` trains each child from scratch with cnnjax.train's own step for `child_steps`
 steps; `shared_weights` (ENAS, Pham et al. 2018; cnnjax.nas.shared) trains one supergraph
-through the sampled children's paths and scores children with its weights.
+through the sampled children's paths and scores children with its weights, after a warm-up
+(`shared_warmup` steps through uniformly random children) that trains every path before the
+controller compares them.
 
 WORKDIR gets children.jsonl (one row per child: controller_step, spec, reward, accuracy,
 params, MACs from cnnjax.profile; in train_children mode also the process and device that
@@ -61,6 +63,8 @@ class SearchConfig:
     child_batch_size: int = 32
     child_learning_rate: float = 0.2    # SGD with Nesterov momentum, per 256 images (as train)
     shared_steps: int = 40              # shared_weights: supergraph steps per controller step
+    shared_warmup: int = 400            # shared_weights: supergraph steps through uniformly
+                                        # random children before the controller's first step
     val_fraction: float = 0.2           # of the training split, held out for the rewards
     reward_power: float = 1.0           # 3: the cubed accuracy of Zoph & Le 2017
     entropy_weight: float = 1e-3
@@ -117,6 +121,7 @@ _RULES: dict[str, flags.Rule] = {
     "children_per_step": flags.POSITIVE_INT,
     "child_steps": flags.POSITIVE_INT, "child_batch_size": flags.POSITIVE_INT,
     "child_learning_rate": flags.POSITIVE, "shared_steps": flags.POSITIVE_INT,
+    "shared_warmup": flags.NON_NEGATIVE_INT,
     "val_fraction": flags.Rule("a number in (0, 1)",
                                lambda v: flags.is_finite(v) and 0 < v < 1),
     "reward_power": flags.POSITIVE, "entropy_weight": flags.NON_NEGATIVE,
@@ -415,6 +420,11 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
     hand = hand_designed(cfg, split, image_size, workdir, say, hand_rows) if start < total \
         else hand_rows
     end = total if stop_after is None else min(total, start + stop_after)
+    if rewarder is not None and start == 0 and end > 0 and cfg.shared_warmup:
+        t0 = time.perf_counter()  # saved with step 1's checkpoint: a kill before it redoes it
+        state["shared"] = rewarder.warm_up(state["shared"])
+        say(f"warm-up: {cfg.shared_warmup} supergraph steps through uniformly random children "
+            f"({time.perf_counter() - t0:.1f} s)")
     try:
         for t in range(start, end):
             t0 = time.perf_counter()

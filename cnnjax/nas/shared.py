@@ -14,6 +14,7 @@ every map at one size, hence spaces with strides [1] only.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ import optax
 from cnnjax import train
 from cnnjax.models import layers
 from cnnjax.nas import controller as ctl
-from cnnjax.nas.space import Space, decode
+from cnnjax.nas.space import Space, decode, uniform_decisions
 
 
 def positions(space: Space) -> dict[tuple, int]:
@@ -128,15 +129,9 @@ class SharedWeights:
 
     def __init__(self, cfg, split, space: Space, controller: ctl.Controller):
         self.cfg, self.split, self.space, self.controller = cfg, split, space, controller
-        self.model = SuperNet(space, split.num_classes, split.channels)
-        self.calibrator = self.model.clone(bn_momentum=0.0)
         peak = cfg.child_learning_rate * cfg.child_batch_size / 256  # as train's SGD
-        self.tx = optax.chain(optax.add_decayed_weights(5e-4, train.decay_mask),
-                              optax.sgd(peak, momentum=0.9, nesterov=True))
-        from cnnjax.nas.search import jit_on
-        device = jax.local_devices()[0]
-        self._step = jit_on(device, make_shared_step(self.model, self.tx), False)  # runs often
-        self._score = jit_on(device, make_score(self.model, self.calibrator), False)
+        self.model, self.tx, self._step, self._score = _programs(
+            space, split.num_classes, split.channels, peak)
 
     def init_state(self) -> train.TrainState:
         s = self.space.input_size
@@ -158,6 +153,18 @@ class SharedWeights:
             state = self._step(state, batch, children[i])
         return state
 
+    def warm_up(self, state: train.TrainState) -> train.TrainState:
+        """`shared_warmup` SGD steps, each through a child drawn uniformly from the space, so
+        that every path is trained before the controller compares them (without it the first
+        rewards are near chance, and the controller can commit to whichever paths happened to
+        learn first)."""
+        cfg = self.cfg
+        children = uniform_decisions(self.space, cfg.seed, cfg.shared_warmup)
+        for i in range(cfg.shared_warmup):
+            batch = self.split.batch((cfg.seed, 0x3A53), i, cfg.child_batch_size)
+            state = self._step(state, batch, children[i])
+        return state
+
     def accuracies(self, state: train.TrainState, decisions: np.ndarray, t: int) -> list[float]:
         size = min(self.CALIBRATION_BATCH, len(self.split.train_y))
         calib = self.split.batch((self.cfg.seed, 0xCA11B), t, size)
@@ -167,6 +174,19 @@ class SharedWeights:
             sums = jax.device_get(self._score(state, calib, val, jnp.asarray(d)))
             out.append(int(sums["top1"]) / int(sums["count"]))
         return out
+
+
+@functools.lru_cache(maxsize=4)
+def _programs(space: Space, num_classes: int, channels: int, learning_rate: float) -> tuple:
+    """(supergraph, its optimizer, jitted train step, jitted score), compiled once a process
+    (a resumed or repeated search in the same process compiles nothing again)."""
+    from cnnjax.nas.search import jit_on
+    model = SuperNet(space, num_classes, channels)
+    tx = optax.chain(optax.add_decayed_weights(5e-4, train.decay_mask),
+                     optax.sgd(learning_rate, momentum=0.9, nesterov=True))
+    device = jax.local_devices()[0]
+    return (model, tx, jit_on(device, make_shared_step(model, tx), False),  # runs often
+            jit_on(device, make_score(model, model.clone(bn_momentum=0.0)), False))
 
 
 def make_shared_step(model: SuperNet, tx: optax.GradientTransformation):

@@ -308,6 +308,15 @@ def decode(space: Space, decisions: Sequence[int]) -> Spec:
     return spec
 
 
+def uniform_decisions(space: Space, seed: int, n: int) -> np.ndarray:
+    """n children drawn uniformly from `space` (every choice, and each skip bit, equally
+    likely), [n, D] int32 in `Space.layout` order; a pure function of (seed, n). Strides that
+    would shrink a child below 1x1 are not masked: for spaces of strides [1] (a supergraph)."""
+    rng = np.random.default_rng(seed)
+    sizes = [2 if kind == "skip" else len(space.choices(kind)) for _, kind, _ in space.layout()]
+    return (rng.random((n, len(sizes))) * np.asarray(sizes)).astype(np.int32)
+
+
 def encode(spec: Spec) -> np.ndarray:
     """The controller decisions that give `spec` (it must have space.num_layers layers)."""
     space = spec.space
