@@ -114,12 +114,14 @@ class Checkpointer:
             record=ocp.args.JsonRestore()))
         return restored["record"]
 
-    def check_identity(self, identity: dict[str, Any]) -> None:
-        """Refuses to touch a workdir whose checkpoints were written by a different run."""
+    def check_identity(self, identity: dict[str, Any],
+                       missing: dict[str, Any] | None = None) -> None:
+        """Refuses to touch a workdir whose checkpoints were written by a different run
+        (`missing`: the values of settings its record may predate)."""
         record = self.record()
         if record is None:
             return
-        theirs = record.get("identity", {})
+        theirs = {**(missing or {}), **record.get("identity", {})}
         diff = {k: (theirs.get(k), v) for k, v in identity.items() if theirs.get(k) != v}
         if diff:
             what = ", ".join(f"{k}: checkpoint has {a!r}, this run {b!r}"

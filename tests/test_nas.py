@@ -434,6 +434,8 @@ def test_an_invalid_spec_file_is_one_clear_line(data_dir, tmp_path):
     (["--children_per_step=0"], r"--children_per_step=0 must be a positive integer"),
     (["--controller_steps=2.5"], r"argument --controller_steps: invalid int value"),
     (["--val_fraction=1"], r"--val_fraction=1.0 must be a number in \(0, 1\)"),
+    (["--controller_learning_rate=0"], r"--controller_learning_rate=0.0 must be"),
+    (["--shared_warmup=-1"], r"--shared_warmup=-1 must be an integer >= 0"),
     (['--space={"filters": [8], "depth": 2}'], r"--space=.*space has unknown field 'depth'"),
     (['--space={"kernel_heights": [2]}'], r"kernel_heights must be odd"),
     (['--mode=shared_weights', '--space={"strides": [1, 2]}'], r"needs strides \[1\]"),
@@ -586,11 +588,13 @@ def test_uniform_children_take_every_choice_equally_often():
     nas.decode(space, d[0])
 
 
+SHARED_TINY = dict(mode="shared_weights", hand_designed="", space={"num_layers": 3, "filters": [4, 8]},
+                   controller_steps=2, children_per_step=3, shared_steps=5, child_batch_size=16,
+                   child_learning_rate=1.6)  # 0.1 at this batch size
+
+
 def test_shared_weights_search_warms_up_and_resumes_to_the_same_children(data_dir, tmp_path):
-    settings = dict(mode="shared_weights", data_dir=data_dir, hand_designed="",
-                    space={"num_layers": 3, "filters": [4, 8]}, controller_steps=2,
-                    children_per_step=3, shared_steps=5, child_batch_size=16,
-                    child_learning_rate=1.6)  # 0.1 at this batch size
+    settings = dict(SHARED_TINY, data_dir=data_dir)
     read = lambda w: [json.loads(l) for l in (w / "children.jsonl").read_text().splitlines()]
     cold = search.run(search.SearchConfig(workdir=str(tmp_path / "cold"), shared_warmup=0,
                                           **settings), verbose=False)
@@ -611,3 +615,20 @@ def test_shared_weights_search_warms_up_and_resumes_to_the_same_children(data_di
     search.run(parts, verbose=False, stop_after=1)
     search.run(parts, verbose=False)
     assert read(tmp_path / "parts") == rows
+
+
+def test_a_search_saved_before_the_warm_up_existed_resumes_with_its_setting(data_dir, tmp_path,
+                                                                            monkeypatch):
+    assert "shared_warmup" not in search.SearchConfig().identity()  # changes nothing there
+    settings = dict(SHARED_TINY, data_dir=data_dir, workdir=str(tmp_path))
+    assert search.SearchConfig(**settings).identity()["shared_warmup"] == 400
+    saved = search.SearchConfig.identity  # the identity a search wrote before the setting
+    monkeypatch.setattr(search.SearchConfig, "identity", lambda self: {
+        k: v for k, v in saved(self).items() if k != "shared_warmup"})
+    search.run(search.SearchConfig(**settings, shared_warmup=0), verbose=False, stop_after=1)
+    assert "shared_warmup" not in json.loads((tmp_path / "search_config.json").read_text())
+    monkeypatch.undo()
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"shared_warmup: 0 there, 400 here"):
+        search.run(search.SearchConfig(**settings), verbose=False)
+    out = search.run(search.SearchConfig(**settings, shared_warmup=0), verbose=False)
+    assert out["controller_steps"] == 2

@@ -74,9 +74,12 @@ class SearchConfig:
     hand_designed: str = "resnet18,mobilenet_v2"  # registered models drawn beside the children
 
     def identity(self) -> dict[str, Any]:
-        """What a resumed search must share with its checkpoints (all but where and how long)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("workdir", "controller_steps", "hand_designed", "data_dir")}
+        """What a resumed search must share with its checkpoints: all but where and how long,
+        and the shared_* settings in train_children mode (they change nothing there)."""
+        skip = {"workdir", "controller_steps", "hand_designed", "data_dir"}
+        if self.mode != "shared_weights":
+            skip |= {"shared_steps", "shared_warmup"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
     def total_steps(self) -> int:
         """Controller steps: --controller_steps, else the mode's default (a shared-weights
@@ -325,12 +328,16 @@ def _append_jsonl(path: pathlib.Path, rows: list[dict]) -> None:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
+# Settings added after searches were saved, with the value those searches ran with.
+LEGACY_IDENTITY = {"shared_warmup": 0}
+
+
 def check_workdir(workdir: pathlib.Path, cfg: SearchConfig) -> None:
     """A workdir holding another search (other settings) is refused before anything is written."""
     path = workdir / "search_config.json"
     if not path.exists():
         return
-    theirs = json.loads(path.read_text())
+    theirs = {**LEGACY_IDENTITY, **json.loads(path.read_text())}
     mine = cfg.identity()
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if diff:
@@ -393,7 +400,7 @@ def run(cfg: SearchConfig, *, verbose: bool = True, stop_after: int | None = Non
     start = 0
     checkpoints = ckpt.Checkpointer(workdir)
     if checkpoints.latest_step() is not None:
-        checkpoints.check_identity(cfg.identity())
+        checkpoints.check_identity(cfg.identity(), missing=LEGACY_IDENTITY)
         state, record = checkpoints.restore(jax.device_get(state))
         state = jax.device_put(state, jax.local_devices()[0])
         start = int(record["controller_step"])
