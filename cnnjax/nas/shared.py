@@ -147,11 +147,8 @@ class SharedWeights:
         """`shared_steps` SGD steps, step i through child i (decisions sampled by the
         controller, one per step, as ENAS)."""
         cfg = self.cfg
-        for i in range(cfg.shared_steps):
-            batch = self.split.batch((cfg.seed, 0x5EA5ED), t * cfg.shared_steps + i,
-                                     cfg.child_batch_size)
-            state = self._step(state, batch, children[i])
-        return state
+        return self._steps(state, children[:cfg.shared_steps], (cfg.seed, 0x5EA5ED),
+                           t * cfg.shared_steps)
 
     def warm_up(self, state: train.TrainState) -> train.TrainState:
         """`shared_warmup` SGD steps, each through a child drawn uniformly from the space, so
@@ -160,9 +157,13 @@ class SharedWeights:
         learn first)."""
         cfg = self.cfg
         children = uniform_decisions(self.space, cfg.seed, cfg.shared_warmup)
-        for i in range(cfg.shared_warmup):
-            batch = self.split.batch((cfg.seed, 0x3A53), i, cfg.child_batch_size)
-            state = self._step(state, batch, children[i])
+        return self._steps(state, children, (cfg.seed, 0x3A53), 0)
+
+    def _steps(self, state, children, stream: tuple[int, ...], first: int):
+        """One SGD step through each child, on batches first, first + 1, ... of `stream`."""
+        for i, child in enumerate(children):
+            batch = self.split.batch(stream, first + i, self.cfg.child_batch_size)
+            state = self._step(state, batch, child)
         return state
 
     def accuracies(self, state: train.TrainState, decisions: np.ndarray, t: int) -> list[float]:
