@@ -1,6 +1,8 @@
 """cnnjax.models.fastconv: the per-shape convolution paths compute XLA's convolution, forward and
-backward, within float32 rounding; the rule picks them where it should; the switch turns them
-off; models keep their parameters, names and counted multiply-adds."""
+backward, within float32 rounding; max pooling gives XLA's outputs bit for bit and its gradient
+(to the first maximum of each window) within rounding; the rules pick the fast paths where they
+should; the switch turns them off; models keep their parameters, names and counted
+multiply-adds."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,61 @@ def test_grouped_as_shifted_batched_products_matches_xla(h, c, f, groups, stride
     assert_same_as_xla(x, k, (stride, stride), ((pad, pad), (pad, pad)), groups, "grouped")
 
 
+def pool_and_grad(impl, x, window, strides, padding):
+    """The max pool of `x` and the input gradient of sum(pool * r) for a fixed random r."""
+    def f(x):
+        return fastconv.max_pool(x, window, strides, padding)
+
+    @jax.jit
+    def run(x, r):
+        y, vjp = jax.vjp(f, x)
+        return y, vjp(r.astype(y.dtype))[0]
+
+    with fastconv.impl(impl):
+        shape = jax.eval_shape(f, x).shape
+        return run(x, np.random.default_rng(3).standard_normal(shape, np.float32))
+
+
+def tied(shape, dtype=jnp.float32):
+    """ReLU outputs on a coarse grid: most windows hold several equal maxima (often 0)."""
+    x = jnp.round(jax.random.normal(jax.random.key(0), shape) * 2) / 2
+    return jnp.maximum(x, 0).astype(dtype)
+
+
+@pytest.mark.parametrize("shape, window, stride, padding", [
+    ((2, 12, 11, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),  # ResNet's stem pool, odd width
+    ((2, 8, 10, 3), (2, 2), (2, 2), ((0, 0), (0, 0))),   # VGG's 2x2
+    ((2, 7, 9, 3), (3, 3), (1, 1), ((1, 1), (1, 1))),    # GoogLeNet's branch pool
+    ((2, 13, 13, 3), (3, 3), (2, 2), ((0, 0), (0, 0))),  # AlexNet's, unpadded
+    ((2, 14, 12, 3), (3, 3), (2, 2), ((0, 1), (0, 1))),  # ceil mode: windows reach the padding
+    ((1, 9, 9, 2), (3, 2), (2, 1), ((1, 0), (0, 1))),    # non-square window, uneven padding
+])
+def test_max_pooling_as_shifted_windows_matches_xla(shape, window, stride, padding):
+    assert fastconv.choose_pool(window) == "shift"
+    x = tied(shape)
+    (y, gx), (y_ref, gx_ref) = (pool_and_grad(i, x, window, stride, padding)
+                                for i in ("auto", "xla"))
+    np.testing.assert_array_equal(y, y_ref)
+    assert gx.shape == x.shape and gx.dtype == x.dtype
+    # the same inputs receive the same gradients; overlapping windows may add them in another
+    # order
+    np.testing.assert_allclose(gx, gx_ref, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(gx_ref))))
+    if window == stride:
+        np.testing.assert_array_equal(gx, gx_ref)
+
+
+def test_max_pool_gradient_goes_to_the_first_maximum_of_each_window():
+    """As XLA's own and PyTorch's: a tie sends the whole gradient to the first (row-major) of the
+    equal inputs, none is split among them."""
+    x = jnp.zeros((1, 4, 4, 1)).at[0, 1, 1, 0].set(-1.0)
+    y, gx = pool_and_grad("auto", x, (2, 2), (2, 2), ((0, 0), (0, 0)))
+    r = np.random.default_rng(3).standard_normal((1, 2, 2, 1), np.float32)
+    expected = np.zeros((4, 4), np.float32)
+    expected[0, 0], expected[0, 2], expected[2, 0], expected[2, 2] = r.ravel()
+    np.testing.assert_array_equal(y, np.zeros((1, 2, 2, 1)))
+    np.testing.assert_array_equal(gx[0, :, :, 0], expected)
+
+
 def test_bfloat16_stays_bfloat16_and_close_to_xla():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8), jnp.bfloat16)
     for k, groups in ((jax.random.normal(jax.random.key(1), (3, 3, 1, 8), jnp.bfloat16), 8),
@@ -91,6 +148,11 @@ def test_bfloat16_stays_bfloat16_and_close_to_xla():
         assert ours.dtype == jnp.bfloat16
         np.testing.assert_allclose(ours.astype(np.float32), ref.astype(np.float32), atol=0.1,
                                    rtol=0.02)
+    (y, gx), (y_ref, gx_ref) = (pool_and_grad(i, tied((2, 9, 9, 4), jnp.bfloat16), (3, 3),
+                                              (2, 2), ((1, 1), (1, 1))) for i in ("auto", "xla"))
+    assert y.dtype == gx.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(gx.astype(np.float32), gx_ref.astype(np.float32), atol=0.05)
 
 
 @pytest.mark.parametrize("x, k, strides, padding, groups, dilated, path", [
@@ -107,6 +169,13 @@ def test_the_rule_picks_the_fast_path_only_where_it_applies(x, k, strides, paddi
     assert fastconv.choose(x, k, strides, padding, groups, dilated) == path
     with fastconv.impl("xla"):
         assert fastconv.choose(x, k, strides, padding, groups, dilated) == "xla"
+
+
+def test_the_pooling_rule():
+    assert fastconv.choose_pool((3, 3)) == fastconv.choose_pool((5, 5)) == "shift"
+    assert fastconv.choose_pool((7, 7)) == "xla"  # 49 taps: not measured
+    with fastconv.impl("xla"):
+        assert fastconv.choose_pool((3, 3)) == "xla"
 
 
 def test_the_switch_is_checked_and_restored():
@@ -126,7 +195,7 @@ def primitives(f, *args) -> list[str]:
 @pytest.mark.parametrize("name", ["shufflenet_v1_g3"])  # depthwise, 1x1 and grouped 1x1
 def test_a_model_is_the_same_function_with_the_same_parameters(name):
     """Same parameter tree, same logits and gradients within rounding, same counted MACs; and
-    the fast model really has no depthwise or 1x1 convolution left."""
+    the fast model really has no depthwise or 1x1 convolution and no XLA max pooling left."""
     model = cnnjax.create_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     with fastconv.impl("xla"):
@@ -142,8 +211,11 @@ def test_a_model_is_the_same_function_with_the_same_parameters(name):
     for impl in ("xla", "auto"):
         with fastconv.impl(impl):
             results[impl] = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], x)
-            convs = [e for e in jax.make_jaxpr(loss)(variables["params"], x).jaxpr.eqns
-                     if e.primitive.name == "conv_general_dilated"] if impl == "auto" else None
+            # a new function for each setting: make_jaxpr caches traces by function
+            eqns = jax.make_jaxpr(lambda p, x: loss(p, x))(variables["params"], x).jaxpr.eqns
+            assert ("reduce_window_max" in [e.primitive.name for e in eqns]) == (impl == "xla")
+            if impl == "auto":
+                convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
     for a, b in zip(jax.tree.leaves(results["auto"]), jax.tree.leaves(results["xla"])):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * float(jnp.max(jnp.abs(b))))
     # what is left for XLA: the stem (a full 3x3), and ShuffleNet v1's grouped 3x3s are

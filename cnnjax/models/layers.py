@@ -75,7 +75,8 @@ def _pool_padding(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[i
 
 
 class MaxPool(nn.Module):
-    """Max pooling with PyTorch's padding and `ceil_mode`."""
+    """Max pooling with PyTorch's padding and `ceil_mode` (`fastconv.max_pool`: shifted windows on
+    the CPU)."""
     window: int | tuple[int, int]
     stride: int | tuple[int, int]
     padding: int = 0
@@ -85,7 +86,7 @@ class MaxPool(nn.Module):
         (kh, kw), (sh, sw) = _pair(self.window), _pair(self.stride)
         pads = (_pool_padding(x.shape[1], kh, sh, self.padding, self.ceil_mode),
                 _pool_padding(x.shape[2], kw, sw, self.padding, self.ceil_mode))
-        return nn.max_pool(x, (kh, kw), (sh, sw), padding=pads)
+        return fastconv.max_pool(x, (kh, kw), (sh, sw), pads)
 
 
 class AvgPool(nn.Module):
