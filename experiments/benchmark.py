@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="default 5 on the CPU, 30 on a GPU/TPU; 20 "
                                              "batches with --mode=input")
     p.add_argument("--conv", default="auto", choices=("auto", "xla"),
-                   help="auto: cnnjax's per-shape fast convolutions (cnnjax.models.fastconv); "
-                        "xla: XLA's convolution everywhere, for comparison")
+                   help="auto: cnnjax's per-shape fast convolutions and max pooling "
+                        "(cnnjax.models.fastconv); xla: XLA's everywhere, for comparison")
     p.add_argument("--memory_efficient", action="store_true", help="DenseNet's recompute option")
     p.add_argument("--framework", default="cnnjax", choices=("cnnjax", "torch"),
                    help="whose step to time in this process: cnnjax's, or torchvision's same "
@@ -465,7 +465,7 @@ def compare(args) -> int:
 
 def all_benchmarks(args) -> int:
     """--all: every architecture of ALL_ARCHS compared with PyTorch before (--conv=xla) and
-    after (--conv=auto) cnnjax's fast convolutions; --out is rewritten after each one, so an
+    after (--conv=auto) cnnjax's fast convolutions and pooling; --out is rewritten after each one, so an
     interrupted run keeps what it measured."""
     rows = []
     for arch in ALL_ARCHS:
@@ -723,8 +723,8 @@ def render_benchmarks(rows: list[dict], args) -> str:
         f"{a0['image_size']}, {a0['dtype']}, SGD with Nesterov momentum and BatchNorm updates; "
         f"cnnjax's numbers the median of {args.rounds} fresh processes each, alternating with "
         f"PyTorch's, whose number is the median of all its {2 * args.rounds} (it runs beside "
-        "both). *Before*: XLA's convolution everywhere (`--conv=xla`); *after*: "
-        "cnnjax's per-shape fast paths (`--conv=auto`, `cnnjax/models/fastconv.py`). "
+        "both). *Before*: XLA's convolution and max pooling everywhere (`--conv=xla`); "
+        "*after*: cnnjax's per-shape fast paths (`--conv=auto`, `cnnjax/models/fastconv.py`). "
         "Ratio: cnnjax / PyTorch images per second. GFLOP and temporary memory are XLA's own "
         "analysis of the compiled step (after).", "",
         "| arch | cnnjax before img/s | cnnjax after img/s | PyTorch img/s | ratio before | "
