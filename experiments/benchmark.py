@@ -6,6 +6,7 @@ pipeline's images/s.
     python -m experiments.benchmark --mode=input --dataset=imagenet2012 --data_dir=DIR \
         [--workers=N] [--arch=resnet18]
     python -m experiments.benchmark --arch=mobilenet_v2 --compare=torch
+    python -m experiments.benchmark --arch=resnet18 --trace=/tmp/trace [--framework=torch]
     python -m experiments.benchmark --all
     python -m experiments.benchmark --arch=resnet50 --dtype=bfloat16 --largest_batch \
         --compare=torch
@@ -17,7 +18,10 @@ exits with status 3 and one `error:` line.
 train/eval: random inputs of the given shape, the real train step of cnnjax.train (SGD,
 BatchNorm updates, donated state) jitted over all local devices; the first step (compilation)
 is timed apart, then `--steps` steps are timed after a warm-up. Memory is XLA's own analysis of
-the compiled step.
+the compiled step. --trace=DIR then traces two more steps and prints the operations that took
+the most time, each with the layer and pass (forward or backward) it belongs to, and the time
+per step by kind (convolutions forward, backward, kernel gradients, the rest); with
+--framework=torch, torch.profiler's table of the same steps, by operator and input shape.
 
 input: the train split's batches (`--batch_size`, default 64) from cnnjax.data.Loader, with 1,
 2 and all cores (or `--workers`), `--steps` batches (default 20) after two to fill the
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: cnnjax's per-shape fast convolutions and max pooling "
                         "(cnnjax.models.fastconv); xla: XLA's everywhere, for comparison")
     p.add_argument("--memory_efficient", action="store_true", help="DenseNet's recompute option")
+    p.add_argument("--trace", metavar="DIR",
+                   help="after timing, trace two more steps into DIR (Perfetto / TensorBoard's "
+                        "profile plugin for cnnjax, a Chrome trace for --framework=torch) and "
+                        "print where the step's time goes, operation by operation")
     p.add_argument("--framework", default="cnnjax", choices=("cnnjax", "torch"),
                    help="whose step to time in this process: cnnjax's, or torchvision's same "
                         "architecture (needs the torch extra)")
@@ -127,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         check_comparison(args)
         check_largest_batch(args)
         check_every_arch(args)
+        check_trace(args)
     except ValueError as e:
         return flags.fail(e)
     if args.mode == "input":
@@ -241,6 +250,15 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
         state, out = run(state)
     jax.block_until_ready(out)
     dt = time.perf_counter() - t0
+    if args.trace:
+        traced_steps = 2
+        jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
+        for _ in range(traced_steps):
+            state, out = run(state)
+        jax.block_until_ready(out)
+        jax.profiler.stop_trace()
+        print_xla_trace(args.trace, compiled.as_text(), traced_steps, 1e3 * dt / args.steps,
+                        args.mode)
     temp = getattr(mem, "temp_size_in_bytes", None)
     flops = cost.get("flops")
     result = {
@@ -268,6 +286,18 @@ ALL_ARCHS = ("resnet50", "resnet18", "densenet121", "mobilenet_v2", "vgg16",
              "shufflenet_v2_x1_0")
 TORCH_MISSING = ("--framework=torch and --compare=torch need torch and torchvision: "
                  "pip install -e \".[torch]\"")
+
+
+def check_trace(args) -> None:
+    """--trace traces the step that this process times: one framework, one run."""
+    if args.trace and (args.compare or args.all or args.largest_batch or args.every_arch
+                       or args.mode == "input"):
+        raise ValueError("--trace traces one step in this process; drop --compare, --all, "
+                         "--largest_batch, --every_arch and --mode=input (trace each side with "
+                         "--framework=cnnjax or --framework=torch)")
+    if args.trace and pathlib.Path(args.trace).exists() and not pathlib.Path(args.trace).is_dir():
+        raise ValueError(f"--trace={args.trace} is a file; give a directory (it is created if "
+                         "missing)")
 
 
 def check_comparison(args) -> None:
@@ -386,6 +416,20 @@ def _torch_benchmark(args, torch) -> int:
         step()
     sync()
     dt = time.perf_counter() - t0
+    if args.trace:
+        from torch import profiler
+        with profiler.profile(activities=[profiler.ProfilerActivity.CPU]
+                              + ([profiler.ProfilerActivity.CUDA] if device.type == "cuda"
+                                 else []), record_shapes=True) as prof:
+            for _ in range(2):
+                step()
+            sync()
+        pathlib.Path(args.trace).mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(pathlib.Path(args.trace) / "torch_trace.json"))
+        print(f"torch.profiler, 2 steps (step {1e3 * dt / args.steps:.0f} ms untraced); "
+              f"trace in {args.trace}/torch_trace.json", file=sys.stderr)
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=TRACE_ROWS), file=sys.stderr)
     print(json.dumps({
         "framework": "torch", "arch": args.arch, "mode": args.mode,
         "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
@@ -394,6 +438,107 @@ def _torch_benchmark(args, torch) -> int:
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
     return 0
+
+
+TRACE_ROWS = 25  # operations --trace lists
+
+
+def xla_op_times(trace_dir: str) -> dict[str, float]:
+    """Microseconds per XLA operation (by its HLO name) summed over the newest trace that
+    jax.profiler wrote under `trace_dir`."""
+    import collections
+    import gzip
+    found = sorted(pathlib.Path(trace_dir).glob("plugins/profile/*/*.trace.json.gz"),
+                   key=lambda f: f.stat().st_mtime)
+    if not found:
+        raise RuntimeError(f"no trace was written under {trace_dir}")
+    with gzip.open(found[-1]) as f:
+        events = json.load(f)["traceEvents"]
+    times: dict[str, float] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and "dur" in e:
+            times[e["name"]] += e["dur"]
+    return times
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
+    """The compiled module's instructions: name -> (output shape, the JAX source op_name, the
+    opcode that computes it: a fusion's root instruction's)."""
+    import re
+    ops, calls, roots, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        head = re.match(r"%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            computation = head.group(1)
+        m = re.match(r"\s*(ROOT )?%([\w.\-]+) = (\S+) ([\w\-]+)\(", line)
+        if not m:
+            continue
+        if m.group(1) and computation:
+            roots[computation] = m.group(4)
+        src = re.search(r'op_name="([^"]*)"', line)
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            calls[m.group(2)] = called.group(1)
+        ops[m.group(2)] = (m.group(3).split("{")[0], src.group(1) if src else "", m.group(4))
+    return {name: (shape, src, roots.get(calls.get(name), opcode))
+            for name, (shape, src, opcode) in ops.items()}
+
+
+def classify(op_name: str, opcode: str = "", mode: str = "train") -> tuple[str, str, str]:
+    """(kind, pass, layer) of an XLA operation from its JAX op_name ("jit(step)/transpose(jvp(
+    ResNet))/stage1_block1/conv1/conv_general_dilated"): convolutions and matrix products apart;
+    in a train step, backward when the name is a transpose, forward under jvp, "update" outside
+    the model (optimizer, metrics). XLA names no source for what it writes itself for backward
+    passes; its opcode tells: a convolution is a kernel gradient, a reverse flips a kernel for an
+    input gradient, copies change layouts."""
+    if not op_name:
+        kind = {"convolution": "convolution", "reverse": "kernel flip",
+                "copy": "layout copy", "transpose": "layout copy"}.get(opcode, opcode or "other")
+        what = {"convolution": "(a kernel gradient; XLA names no layer)",
+                "kernel flip": "(for an input gradient; XLA names no layer)"}.get(kind, "")
+        return kind, "backward" if kind in ("convolution", "kernel flip") else "", what
+    parts = [p for p in op_name.split("/") if p and "(" not in p]
+    prim = parts[-1] if parts else op_name
+    layer = "/".join(parts[:-1])
+    if prim.startswith("conv_general_dilated"):
+        kind = "convolution"
+    elif prim.startswith("dot_general"):
+        kind = "matrix product"
+    else:
+        kind = "other"
+    if mode != "train":
+        phase = "forward"
+    else:
+        phase = ("backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name
+                 else "update")
+    return kind, phase, layer
+
+
+def print_xla_trace(trace_dir: str, hlo_text: str, steps: int, step_ms: float,
+                    mode: str = "train") -> None:
+    """The table of --trace: the costliest operations, then the time by kind and pass."""
+    import collections
+    times, ops = xla_op_times(trace_dir), hlo_ops(hlo_text)
+    mine = {name: us / steps / 1e3 for name, us in times.items() if name in ops}
+    total = sum(mine.values())
+    out = sys.stderr
+    print(f"XLA operations, ms per step, {steps} traced steps (step {step_ms:.0f} ms untraced; "
+          f"the operations sum to {total:.0f} ms: XLA runs independent ones concurrently); "
+          f"trace in {trace_dir}", file=out)
+    print(f"{'ms':>8}  {'operation':<28} {'output':<22} {'kind':<14} {'pass':<8} layer",
+          file=out)
+    for name, ms in sorted(mine.items(), key=lambda kv: -kv[1])[:TRACE_ROWS]:
+        shape, src, opcode = ops[name]
+        kind, phase, layer = classify(src, opcode, mode)
+        print(f"{ms:8.1f}  {name[:28]:<28} {shape[:22]:<22} {kind[:14]:<14} {phase:<8} {layer}",
+              file=out)
+    by_kind: dict[tuple[str, str], float] = collections.Counter()
+    for name, ms in mine.items():
+        kind, phase, _ = classify(*ops[name][1:], mode)
+        by_kind[(kind, phase)] += ms
+    print("by kind:", file=out)
+    for (kind, phase), ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"{ms:8.1f}  {kind} {phase}".rstrip(), file=out)
 
 
 def child_argv(args, framework: str, conv: str | None = None) -> list[str]:

@@ -45,6 +45,50 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
            f"{row['after']['cnnjax_img_per_s'] / torch:.2f} |" in table_row
 
 
+def test_trace_shows_where_the_step_goes_layer_by_layer(tmp_path, capsys):
+    """--trace: the costliest XLA operations named by layer and pass, the time by kind, and a
+    trace file TensorBoard and Perfetto open; for torch, torch.profiler's table and trace."""
+    small = ["--arch=resnet18", "--image_size=32", "--batch_size=2", "--steps=1",
+             "--num_classes=10"]
+    assert benchmark.main([*small, f"--trace={tmp_path / 'jax'}"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["arch"] == "resnet18"
+    err = captured.err
+    assert re.search(r"^XLA operations, ms per step, 2 traced steps \(step \d+ ms untraced",
+                     err, re.M)
+    rows = err[err.index("  operation"):err.index("by kind:")].splitlines()[1:]
+    assert len(rows) == benchmark.TRACE_ROWS
+    assert re.search(r"convolution +forward +stage\d_block\d/conv\d$", err, re.M), err
+    kinds = err[err.index("by kind:"):].splitlines()[1:]
+    named = {line.split(None, 1)[1] for line in kinds}
+    assert {"convolution forward", "convolution backward"} <= named, kinds
+    assert any(kind.endswith("update") for kind in named)  # the optimizer, outside the model
+    assert list((tmp_path / "jax").glob("plugins/profile/*/*.trace.json.gz"))
+
+    assert benchmark.main([*small, "--framework=torch", f"--trace={tmp_path / 'torch'}"]) == 0
+    err = capsys.readouterr().err
+    assert "torch.profiler, 2 steps" in err and "aten::convolution" in err
+    assert json.loads((tmp_path / "torch" / "torch_trace.json").read_text())["traceEvents"]
+
+
+@pytest.mark.parametrize("op_name, opcode, expected", [
+    ("jit(step)/jvp(ResNet)/stage1_block1/conv1/conv_general_dilated", "fusion",
+     ("convolution", "forward", "stage1_block1/conv1")),
+    ("jit(step)/transpose(jvp(ResNet))/stage4_block2/conv2/conv_general_dilated", "fusion",
+     ("convolution", "backward", "stage4_block2/conv2")),
+    ("jit(step)/jvp(ResNet)/fc/dot_general", "dot", ("matrix product", "forward", "fc")),
+    ("jit(step)/transpose(jvp(ResNet))/bn_init/mul", "fusion", ("other", "backward", "bn_init")),
+    ("jit(step)/add", "fusion", ("other", "update", "")),
+    ("", "convolution", ("convolution", "backward", "(a kernel gradient; XLA names no layer)")),
+    ("", "reverse", ("kernel flip", "backward", "(for an input gradient; XLA names no layer)")),
+    ("", "copy", ("layout copy", "", "")),
+])
+def test_trace_classifies_xla_operations(op_name, opcode, expected):
+    assert benchmark.classify(op_name, opcode) == expected
+    if op_name:
+        assert benchmark.classify(op_name, opcode, "eval")[1] == "forward"
+
+
 def test_the_committed_benchmarks_were_written_by_the_harness():
     text = (ROOT / "BENCHMARKS.md").read_text()
     assert "Written by `python -m experiments.benchmark --all" in text, (

@@ -207,6 +207,9 @@ BENCHMARK_CASES = {
     "compare rounds=0": ([R18, "--compare=torch", "--rounds=0"],
                          "--rounds=0 must be a positive integer"),
     "all and arch": ([R18, "--all"], "--all measures resnet50, resnet18"),
+    "trace and compare": ([R18, "--compare=torch", "--trace=tr"],
+                          "--trace traces one step in this process; drop --compare"),
+    "trace a file": ([R18, "--trace={file}"], "is a file; give a directory"),
     "all out": (["--all", "--out=no/such/dir/B.md"],
                 "must be a file in an existing directory"),
     "unknown flag": ([R18, "--stepz=3"],
@@ -218,7 +221,7 @@ BENCHMARK_CASES = {
 
 @pytest.mark.parametrize("args, expected", BENCHMARK_CASES.values(), ids=BENCHMARK_CASES)
 def test_benchmark_cli_refuses_every_bad_flag(place, args, expected):
-    code, err = call(benchmark.main, args)
+    code, err = call(benchmark.main, [fill(a, place) for a in args])
     assert_refused(code, err, expected, place)
 
 
