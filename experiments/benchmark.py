@@ -610,8 +610,8 @@ def compare(args) -> int:
 
 def all_benchmarks(args) -> int:
     """--all: every architecture of ALL_ARCHS compared with PyTorch before (--conv=xla) and
-    after (--conv=auto) cnnjax's fast convolutions and pooling; --out is rewritten after each one, so an
-    interrupted run keeps what it measured."""
+    after (--conv=auto) cnnjax's fast convolutions and pooling; --out is rewritten after each
+    one, so an interrupted run keeps what it measured."""
     rows = []
     for arch in ALL_ARCHS:
         args.arch = arch

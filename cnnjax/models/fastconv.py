@@ -21,9 +21,9 @@ float32 summation order differs) by one of these paths, chosen per shape:
   maximum of its window, as XLA's `select_and_scatter` does, by kh*kw selects and one padded
   sum (XLA:CPU's own backward builds index arrays over the whole padded input).
 
-`choose` holds the rule and says why (`choose_pool` for pooling); `set_impl("xla")` (or the environment variable
-CNNJAX_CONV=xla) turns every fast path off for comparison; the choice is made when a model is
-traced, so it applies to functions jitted after the call.
+`choose` holds the rule and says why (`choose_pool` for pooling); `set_impl("xla")` (or the
+environment variable CNNJAX_CONV=xla) turns every fast path off for comparison; the choice is
+made when a model is traced, so it applies to functions jitted after the call.
 """
 from __future__ import annotations
 
