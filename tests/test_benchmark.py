@@ -45,9 +45,11 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
            f"{row['after']['cnnjax_img_per_s'] / torch:.2f} |" in table_row
 
 
-def test_trace_shows_where_the_step_goes_layer_by_layer(tmp_path, capsys):
+def test_trace_shows_where_the_step_goes_layer_by_layer(tmp_path, monkeypatch, capsys):
     """--trace: the costliest XLA operations named by layer and pass, the time by kind, and a
     trace file TensorBoard and Perfetto open; for torch, torch.profiler's table and trace."""
+    # every operation listed: which ones are costliest differs from one CPU to the next
+    monkeypatch.setattr(benchmark, "TRACE_ROWS", 100_000)
     small = ["--arch=resnet18", "--image_size=32", "--batch_size=2", "--steps=1",
              "--num_classes=10"]
     assert benchmark.main([*small, f"--trace={tmp_path / 'jax'}"]) == 0
@@ -57,7 +59,8 @@ def test_trace_shows_where_the_step_goes_layer_by_layer(tmp_path, capsys):
     assert re.search(r"^XLA operations, ms per step, 2 traced steps \(step \d+ ms untraced",
                      err, re.M)
     rows = err[err.index("  operation"):err.index("by kind:")].splitlines()[1:]
-    assert len(rows) == benchmark.TRACE_ROWS
+    ms = [float(row.split()[0]) for row in rows]
+    assert len(rows) > 100 and ms == sorted(ms, reverse=True)  # costliest first
     assert re.search(r"convolution +forward +stage\d_block\d/conv\d$", err, re.M), err
     kinds = err[err.index("by kind:"):].splitlines()[1:]
     named = {line.split(None, 1)[1] for line in kinds}
