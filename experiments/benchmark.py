@@ -251,13 +251,12 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
     jax.block_until_ready(out)
     dt = time.perf_counter() - t0
     if args.trace:
-        traced_steps = 2
         jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
-        for _ in range(traced_steps):
+        for _ in range(TRACE_STEPS):
             state, out = run(state)
         jax.block_until_ready(out)
         jax.profiler.stop_trace()
-        print_xla_trace(args.trace, compiled.as_text(), traced_steps, 1e3 * dt / args.steps,
+        print_xla_trace(args.trace, compiled.as_text(), TRACE_STEPS, 1e3 * dt / args.steps,
                         args.mode)
     temp = getattr(mem, "temp_size_in_bytes", None)
     flops = cost.get("flops")
@@ -421,13 +420,13 @@ def _torch_benchmark(args, torch) -> int:
         with profiler.profile(activities=[profiler.ProfilerActivity.CPU]
                               + ([profiler.ProfilerActivity.CUDA] if device.type == "cuda"
                                  else []), record_shapes=True) as prof:
-            for _ in range(2):
+            for _ in range(TRACE_STEPS):
                 step()
             sync()
         pathlib.Path(args.trace).mkdir(parents=True, exist_ok=True)
         prof.export_chrome_trace(str(pathlib.Path(args.trace) / "torch_trace.json"))
-        print(f"torch.profiler, 2 steps (step {1e3 * dt / args.steps:.0f} ms untraced); "
-              f"trace in {args.trace}/torch_trace.json", file=sys.stderr)
+        print(f"torch.profiler, {TRACE_STEPS} steps (step {1e3 * dt / args.steps:.0f} ms "
+              f"untraced); trace in {args.trace}/torch_trace.json", file=sys.stderr)
         print(prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=TRACE_ROWS), file=sys.stderr)
     print(json.dumps({
@@ -441,6 +440,7 @@ def _torch_benchmark(args, torch) -> int:
 
 
 TRACE_ROWS = 25  # operations --trace lists
+TRACE_STEPS = 2  # steps --trace traces, after the timed ones
 
 
 def xla_op_times(trace_dir: str) -> dict[str, float]:
@@ -527,14 +527,13 @@ def print_xla_trace(trace_dir: str, hlo_text: str, steps: int, step_ms: float,
           f"trace in {trace_dir}", file=out)
     print(f"{'ms':>8}  {'operation':<28} {'output':<22} {'kind':<14} {'pass':<8} layer",
           file=out)
-    for name, ms in sorted(mine.items(), key=lambda kv: -kv[1])[:TRACE_ROWS]:
-        shape, src, opcode = ops[name]
-        kind, phase, layer = classify(src, opcode, mode)
+    rows = sorted(((ms, name, ops[name][0], *classify(*ops[name][1:], mode))
+                   for name, ms in mine.items()), reverse=True)
+    for ms, name, shape, kind, phase, layer in rows[:TRACE_ROWS]:
         print(f"{ms:8.1f}  {name[:28]:<28} {shape[:22]:<22} {kind[:14]:<14} {phase:<8} {layer}",
               file=out)
     by_kind: dict[tuple[str, str], float] = collections.Counter()
-    for name, ms in mine.items():
-        kind, phase, _ = classify(*ops[name][1:], mode)
+    for ms, _, _, kind, phase, _ in rows:
         by_kind[(kind, phase)] += ms
     print("by kind:", file=out)
     for (kind, phase), ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
