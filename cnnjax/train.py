@@ -9,6 +9,7 @@ fresh run can start from the layers of another run that fit (`init_from`, cnnjax
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -216,11 +217,35 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, smoothing: float = 0.0) 
     return optax.softmax_cross_entropy(logits, targets)
 
 
+# Leaves of up to this many elements are checked together, as one concatenation; larger ones of
+# one shape in groups of up to LARGE_GROUP, by one elementwise `and` and one reduction a group.
+SMALL_LEAF = 4096
+LARGE_GROUP = 8
+
+
 def all_finite(tree: Any) -> jax.Array:
-    """Whether every element of every floating leaf of `tree` is finite (a scalar bool)."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+    """Whether every element of every floating leaf of `tree` is finite (a scalar bool).
+
+    A reduction per leaf made XLA:CPU compile a few kernels per leaf: for DenseNet-201's train
+    step (2,215 leaves in the loss, gradients, new parameters, BatchNorm statistics and
+    optimizer state) that was half of the compile time (87 s; 42 s without the check). So the
+    small leaves (biases, BatchNorm scales and statistics: most leaves of a deep network) are
+    checked as one concatenated vector, and large leaves of the same shape (a kernel, its
+    gradient, its new value and momentum) a group at a time, without copying them.
+    """
+    leaves = [jnp.asarray(x) for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    small = [x.ravel() for x in leaves if x.size <= SMALL_LEAF]
+    checks = [jnp.all(jnp.isfinite(jnp.concatenate(small)))] if small else []
+    by_shape: dict[tuple, list] = {}
+    for x in leaves:
+        if x.size > SMALL_LEAF:
+            by_shape.setdefault(x.shape, []).append(x)
+    for same in by_shape.values():
+        for i in range(0, len(same), LARGE_GROUP):
+            checks.append(jnp.all(functools.reduce(
+                jnp.logical_and, [jnp.isfinite(x) for x in same[i:i + LARGE_GROUP]])))
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: TrainConfig,
