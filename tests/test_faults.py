@@ -223,6 +223,23 @@ def wait_for_step(workdir, step, procs, timeout=300) -> None:
     raise AssertionError(f"no step {step} in {path} after {timeout} s")
 
 
+def wait_until_stopped(proc, timeout=30) -> None:
+    """Until every thread of `proc` is stopped. SIGSTOP takes effect when a thread next leaves
+    the kernel, so a file write under way when it is sent still lands after `send_signal`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = []
+        for stat in pathlib.Path(f"/proc/{proc.pid}/task").glob("*/stat"):
+            try:
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError):  # a thread that just ended
+                pass
+        if states and all(s in "tT" for s in states):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {proc.pid} not stopped after {timeout} s: {states}")
+
+
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(spec_file, data_dir, tmp_path):
     """SIGTERM to process 1 only: both processes stop at the same step, save it, exit 0 within
@@ -327,6 +344,7 @@ def test_one_run_per_workdir_and_a_killed_run_leaves_no_stuck_lock(spec_file, da
     wait_for_step(tmp_path, 25, [first])
     first.send_signal(signal.SIGSTOP)  # frozen mid-run, holding its lock
     try:
+        wait_until_stopped(first)  # a write in flight when the signal came ends first
         files = lambda: {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}  # noqa
         before = files()
         code, err = cli(*common, "--num_steps=100000")
@@ -336,7 +354,9 @@ def test_one_run_per_workdir_and_a_killed_run_leaves_no_stuck_lock(spec_file, da
                                f"{json.loads((tmp_path / 'lock').read_text())['started']}): "
                                "wait for it to end or use another --workdir; nothing was "
                                "changed"), err
-        assert files() == before
+        after = files()
+        assert after == before, sorted(str(p) for p in before.keys() | after.keys()
+                                       if before.get(p) != after.get(p))
     finally:
         first.kill()
         first.communicate()
