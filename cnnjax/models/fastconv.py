@@ -86,8 +86,7 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
     24->144: 3.2 / 39 against 1.3 / 14; 7x7, 320->1280: 2.6 / 11 against 1.6 / 6.3; grouped
     1x1 (ShuffleNet v1, 3 groups, 28x28x240): 8.9 / 106 against 4.7 / 6.5. Full 3x3
     convolutions were not faster as nine products (the kernel gradient, a contraction over the
-    batch and the map, is slow either way), so they stay with XLA (its own kernels rather than
-    YNNPACK's: `compiler_options`). Grouped 3x3s (ResNeXt-50's,
+    batch and the map, is slow either way), so they stay with XLA. Grouped 3x3s (ResNeXt-50's,
     32 groups, batch 8; 2-core EPYC): 56x56x128 XLA 131 / 7858 against 78 / 144; 28x28x256
     49 / 3947 against 33 / 94: XLA's grouped backward is some fifty times slower. Elsewhere
     than on the CPU every convolution stays with XLA, whose GPU and TPU convolutions are the
