@@ -208,7 +208,6 @@ def first_line(e: BaseException) -> str:
 def time_step(args, mesh, state, train_step, eval_step) -> int:
     """Compiles and times the step on random inputs; prints one JSON line."""
     from cnnjax import parallel, profile
-    from cnnjax.models import fastconv
     rng = np.random.default_rng(0)
     batch = parallel.global_batch({
         "image": rng.standard_normal((args.batch_size, args.image_size, args.image_size, 3),
@@ -217,10 +216,10 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
         "mask": np.ones(args.batch_size, np.float32)}, mesh)
     repl, sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     if args.mode == "train":
-        step = fastconv.jit(train_step, in_shardings=(repl, sh), out_shardings=(repl, repl),
-                            donate_argnums=0)
+        step = jax.jit(train_step, in_shardings=(repl, sh), out_shardings=(repl, repl),
+                       donate_argnums=0)
     else:
-        step = fastconv.jit(eval_step, in_shardings=(repl, sh), out_shardings=repl)
+        step = jax.jit(eval_step, in_shardings=(repl, sh), out_shardings=repl)
 
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -997,10 +996,9 @@ def input_benchmark(args) -> int:
         return flags.fail(e)
     n, results = WARMUP_BATCHES + steps, []
     if args.arch:
-        from cnnjax.models import fastconv
         repl, sh = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-        step_fn = fastconv.jit(train_step, in_shardings=(repl, sh),
-                               out_shardings=(repl, repl), donate_argnums=0)
+        step_fn = jax.jit(train_step, in_shardings=(repl, sh), out_shardings=(repl, repl),
+                          donate_argnums=0)
     for workers in counts:
         ours, ref = [], []
         for _ in range(args.rounds):  # alternating, so that drifts hit both alike

@@ -38,7 +38,6 @@ from jax.sharding import SingleDeviceSharding
 from cnnjax import checkpoint as ckpt
 from cnnjax import data, flags, train
 from cnnjax.data import sources, transforms
-from cnnjax.models import fastconv
 from cnnjax.models.registry import create_model, model_spec
 from cnnjax.nas import controller as ctl
 from cnnjax.nas import reinforce
@@ -207,7 +206,7 @@ def jit_on(device, fun, fast: bool = True, **kw):
     is False: the unoptimised code of a big hand-designed model runs many times slower)."""
     if fast and device.platform == "cpu":
         kw["compiler_options"] = FAST_CPU_COMPILE
-    return fastconv.jit(fun, **kw)
+    return jax.jit(fun, **kw)
 
 
 class ChildTrainer:
