@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import shlex
 import sys
 import time
@@ -55,8 +56,11 @@ WARMUP_BATCHES = 2  # input mode: batches that fill the pipeline before timing s
 INPUT_START, INPUT_END = "<!-- input-benchmark:start -->", "<!-- input-benchmark:end -->"
 LARGEST_START, LARGEST_END = "<!-- largest-batch:start -->", "<!-- largest-batch:end -->"
 EVERY_START, EVERY_END = "<!-- every-arch:start -->", "<!-- every-arch:end -->"
-# The sections of BENCHMARKS.md that commands other than --all write (and --all keeps).
-SECTIONS = {"largest": (LARGEST_START, LARGEST_END), "every": (EVERY_START, EVERY_END)}
+# The sections of BENCHMARKS.md that commands other than --all write (and --all keeps): the
+# every-architecture table, and one largest-batch sweep per device kind ("largest:KIND"; plain
+# "largest" is the section without a kind), so that a run on one card keeps another card's.
+SECTION_RE = re.compile(r"<!-- (largest-batch(?: [^>]*?)?|every-arch):start -->.*?<!-- \1:end -->",
+                        re.S)
 EXIT_OOM = 3  # a step that does not fit in the device's memory (a child's exit status)
 # Dense bfloat16 matrix-unit peaks from NVIDIA's datasheets, TFLOP/s, by device-kind substring.
 BF16_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="auto: cnnjax's per-shape fast convolutions and max pooling "
                         "(cnnjax.models.fastconv); xla: XLA's everywhere, for comparison")
     p.add_argument("--memory_efficient", action="store_true", help="DenseNet's recompute option")
+    p.add_argument("--remat", action="store_true",
+                   help="the ResNet family's recompute option (each residual block recomputed "
+                        "in the backward pass); cnnjax's alone, torchvision has none")
     p.add_argument("--trace", metavar="DIR",
                    help="after timing, trace two more steps into DIR (Perfetto / TensorBoard's "
                         "profile plugin for cnnjax, a Chrome trace for --framework=torch) and "
@@ -174,9 +181,13 @@ def too_big(args, where: str, e: BaseException) -> int:
                       EXIT_OOM)
 
 
-def options(args) -> dict:
-    """The model options the flags set: DenseNet's memory_efficient."""
-    return {"memory_efficient": True} if args.memory_efficient else {}
+def options(args, framework: str = "cnnjax") -> dict:
+    """The model options the flags set: DenseNet's memory_efficient (both frameworks) and the
+    ResNet family's remat (cnnjax's alone: torchvision's ResNets have no such option)."""
+    chosen = {"memory_efficient": True} if args.memory_efficient else {}
+    if getattr(args, "remat", False) and framework == "cnnjax":
+        chosen["remat"] = True
+    return chosen
 
 
 def replaced(args, **changes) -> argparse.Namespace:
@@ -265,6 +276,7 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
         "batch_size": args.batch_size,
         "image_size": args.image_size, "dtype": args.dtype, "devices": mesh.size,
         "device_kind": jax.devices()[0].device_kind, "memory_efficient": args.memory_efficient,
+        "remat": args.remat,
         "conv": args.conv,
         "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
         "compile_s": compile_s, "flops": flops,
@@ -373,7 +385,7 @@ def _torch_benchmark(args, torch) -> int:
     args.steps = args.steps or (30 if device.type == "cuda" else 5)
     classes = args.num_classes or 1000
     model = torchvision.models.get_model(args.arch, weights=None, num_classes=classes,
-                                         **options(args))
+                                         **options(args, "torch"))
     model = model.to(device, memory_format=torch.channels_last)
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size).to(
         device, memory_format=torch.channels_last)
@@ -464,7 +476,6 @@ def xla_op_times(trace_dir: str) -> dict[str, float]:
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str, str]]:
     """The compiled module's instructions: name -> (output shape, the JAX source op_name, the
     opcode that computes it: a fusion's root instruction's)."""
-    import re
     ops, calls, roots, computation = {}, {}, {}, None
     for line in hlo_text.splitlines():
         head = re.match(r"%?([\w.\-]+) .*\{$", line)
@@ -549,6 +560,8 @@ def child_argv(args, framework: str, conv: str | None = None) -> list[str]:
             argv.append(f"--{name}={getattr(args, name)}")
     if args.memory_efficient:
         argv.append("--memory_efficient")
+    if args.remat and framework == "cnnjax":
+        argv.append("--remat")
     if framework == "cnnjax":
         argv.append(f"--conv={conv or args.conv}")
     return argv
@@ -623,15 +636,26 @@ def all_benchmarks(args) -> int:
         print(json.dumps(row), flush=True)
         out = pathlib.Path(args.out)
         old = out.read_text() if out.is_file() else ""
-        kept = "".join(f"\n{block}\n" for block in (section(old, name) for name in SECTIONS)
-                       if block)  # what --largest_batch and --every_arch wrote
+        # what --largest_batch (one section a device kind) and --every_arch wrote
+        kept = "".join(f"\n{m[0]}\n" for m in SECTION_RE.finditer(old))
         out.write_text(render_benchmarks(rows, args) + kept)
     return 0
 
 
+def markers(name: str) -> tuple[str, str]:
+    """The start and end markers of section `name`: "every", "largest" or "largest:KIND"."""
+    if name == "every":
+        return EVERY_START, EVERY_END
+    kind = name.partition(":")[2]
+    if not kind:
+        return LARGEST_START, LARGEST_END
+    return f"<!-- largest-batch {kind}:start -->", f"<!-- largest-batch {kind}:end -->"
+
+
 def section(text: str, name: str = "largest") -> str | None:
-    """Section `name` of SECTIONS in a BENCHMARKS.md text, markers included (None if absent)."""
-    start, end = SECTIONS[name]
+    """Section `name` (see markers) of a BENCHMARKS.md text, markers included (None if
+    absent)."""
+    start, end = markers(name)
     if start not in text or end not in text:
         return None
     return text[text.index(start):text.index(end) + len(end)]
@@ -640,7 +664,7 @@ def section(text: str, name: str = "largest") -> str | None:
 def write_section(path: pathlib.Path, body: str, name: str = "largest") -> None:
     """Puts `body` between the markers of section `name` of `path`, in place of what was there,
     or at its end; the rest of the file stays as it was."""
-    start, end = SECTIONS[name]
+    start, end = markers(name)
     block = f"{start}\n{body}\n{end}"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     old = section(text, name)
@@ -724,7 +748,8 @@ def largest_batch(args) -> int:
                 row[side] = None if None in runs else median_run(runs)
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write_section(pathlib.Path(args.out), render_largest(rows, args, {}, done=False))
+            write_section(pathlib.Path(args.out), render_largest(rows, args, {}, done=False),
+                          largest_name(rows))
             if all(row[side] is None for side in sides):
                 break
             size *= 2
@@ -741,8 +766,20 @@ def largest_batch(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"largest_batch": rows[-1]["batch_size"], **extra}), flush=True)
-    write_section(pathlib.Path(args.out), render_largest(rows, args, extra, done=True))
+    write_section(pathlib.Path(args.out), render_largest(rows, args, extra, done=True),
+                  largest_name(rows))
     return 0
+
+
+def sweep_kind(rows: list[dict]) -> str:
+    """The device kind a sweep ran on: its children's, else this process's."""
+    first = next((r["cnnjax"] for r in rows if r.get("cnnjax")), None)
+    return first["device_kind"] if first else jax.devices()[0].device_kind
+
+
+def largest_name(rows: list[dict]) -> str:
+    """The BENCHMARKS.md section of a sweep: one per device kind."""
+    return f"largest:{sweep_kind(rows)}"
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -776,7 +813,7 @@ def render_largest(rows: list[dict], args, extra: dict, *, done: bool) -> str:
     from experiments import zoo
     m = zoo.machine()
     first = next((r["cnnjax"] for r in rows if r["cnnjax"]), None)
-    kind = first["device_kind"] if first else m["devices"]
+    kind = sweep_kind(rows)
     torch = next((r["torch"] for r in rows if r.get("torch")), None)
     peak = bf16_peak(kind) if args.dtype == "bfloat16" else None
     fraction = "% of bf16 peak" if peak else "% of peak"

@@ -2,6 +2,7 @@
 processes and write BENCHMARKS.md; --largest_batch doubles the batch until the step no longer
 fits in device memory and writes its own section; the committed BENCHMARKS.md came from those
 commands."""
+import argparse
 import json
 import pathlib
 import re
@@ -9,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+import cnnjax
 from experiments import benchmark
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,8 +21,10 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
         tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(benchmark, "ALL_ARCHS", ("resnet18",))
     out = tmp_path / "B.md"
+    chip_start, chip_end = benchmark.markers("largest:Some Chip 80GB")
     kept = f"{benchmark.LARGEST_START}\n## Largest batch: an earlier GPU run\n" \
-           f"{benchmark.LARGEST_END}\n\n{benchmark.EVERY_START}\n## Every architecture\n" \
+           f"{benchmark.LARGEST_END}\n\n{chip_start}\n## Largest batch: on Some Chip\n" \
+           f"{chip_end}\n\n{benchmark.EVERY_START}\n## Every architecture\n" \
            f"{benchmark.EVERY_END}"
     out.write_text(f"# old table\n\n{kept}\n")
     argv = ["--all", "--rounds=1", "--steps=1", "--batch_size=2", "--image_size=32",
@@ -96,11 +100,11 @@ def test_the_committed_benchmarks_were_written_by_the_harness():
     text = (ROOT / "BENCHMARKS.md").read_text()
     assert "Written by `python -m experiments.benchmark --all" in text, (
         "python -m experiments.benchmark --all writes BENCHMARKS.md")
-    table = text.split(benchmark.LARGEST_START)[0]
+    table = text[:benchmark.SECTION_RE.search(text).start()]  # the --all table
     rows = [line.split("|")[1].strip() for line in table.splitlines()
             if line.startswith("| ") and not line.startswith("| arch")]
     assert rows == list(benchmark.ALL_ARCHS)
-    gpu = benchmark.section(text)
+    gpu = benchmark.section(text, "largest:NVIDIA H100 80GB HBM3")
     assert gpu and "Written by `python -m experiments.benchmark --arch=resnet50 " \
                    "--dtype=bfloat16 --largest_batch --compare=torch" in gpu
     assert "on NVIDIA H100" in gpu and "| 1024 | " in gpu
@@ -149,16 +153,31 @@ def test_largest_batch_doubles_until_neither_framework_fits(tmp_path, monkeypatc
         ["--conv=auto", "torch"]
     text = out.read_text()
     assert text.startswith("# Benchmarks\n\nthe --all table\n"), "the rest of --out stays"
-    gpu = benchmark.section(text)
+    gpu = benchmark.section(text, "largest:FakeChip")
     assert f"Written by `python -m experiments.benchmark {' '.join(argv)}`" in gpu
     assert "## Largest batch: resnet18 on FakeChip" in gpu
     assert "| 4 | 40 | 40 | 1.00 | 100.0 | 1.0 | 0 | - | 0.0 |" in gpu
     assert "| 8 | 80 | does not fit | - |" in gpu
     assert "| 16 | does not fit | does not fit | - | - |" in gpu
     assert "Largest batch that fits (cnnjax): 8; fastest: 80 img/s at batch 8." in gpu
-    # a second sweep replaces the section, never appends another
+    # a second sweep on the same kind of device replaces its section, never appends another
     assert benchmark.main(argv) == 0
-    assert out.read_text().count(benchmark.LARGEST_START) == 1
+    start, end = benchmark.markers("largest:FakeChip")
+    assert out.read_text().count(start) == 1 and out.read_text().count(end) == 1
+    # a sweep on another kind of device gets its own section and keeps this one
+    other, _ = fake_child({"cnnjax": 4, "torch": 4})
+
+    def other_chip(argv, *, oom_ok=False):
+        result = other(argv, oom_ok=oom_ok)
+        if result and result["framework"] == "cnnjax":
+            result["device_kind"] = "OtherChip"
+        return result
+    monkeypatch.setattr(benchmark, "run_child", other_chip)
+    assert benchmark.main(argv) == 0
+    text = out.read_text()
+    assert "## Largest batch: resnet18 on FakeChip" in benchmark.section(text, "largest:FakeChip")
+    assert "## Largest batch: resnet18 on OtherChip" in benchmark.section(text,
+                                                                           "largest:OtherChip")
 
 
 def test_largest_batch_stops_at_max_batch_size_and_says_so(tmp_path, monkeypatch, capsys):
@@ -262,3 +281,17 @@ def test_the_committed_every_arch_section_covers_the_registry():
     rows = [line.split("|")[1].strip() for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| arch")]
     assert rows == list(list_models())
+
+
+def test_remat_reaches_cnnjax_side_only():
+    """--remat is the ResNet family's recompute option: it goes to cnnjax's child and model, and
+    never to torchvision's, whose ResNets have no such argument."""
+    args = argparse.Namespace(arch="resnet50", mode="train", image_size=224, dtype="bfloat16",
+                              batch_size=256, num_classes=None, steps=None, conv="auto",
+                              memory_efficient=False, remat=True)
+    assert "--remat" in benchmark.child_argv(args, "cnnjax")
+    assert "--remat" not in benchmark.child_argv(args, "torch")
+    assert benchmark.options(args) == {"remat": True}
+    assert benchmark.options(args, "torch") == {}
+    model = cnnjax.create_model("resnet18", **benchmark.options(args))
+    assert model.remat

@@ -172,6 +172,7 @@ BENCHMARK_CASES = {
     "dtype": ([R18, "--dtype=float16"], "argument --dtype: invalid choice: 'float16'"),
     "mode": ([R18, "--mode=infer"], "argument --mode: invalid choice: 'infer'"),
     "memory_efficient": ([R18, "--memory_efficient"], "resnet18 has no option 'memory_efficient'"),
+    "remat": (["--arch=densenet121", "--remat"], "densenet121 has no option 'remat'"),
     "input without dataset": (["--mode=input"], "the following arguments are required: --dataset"),
     "workers=0": (["--mode=input", "--dataset=imagenet2012", "--workers=0"],
                   "--workers=0 must be a positive integer"),
