@@ -27,6 +27,7 @@ from flax import struct
 from cnnjax import checkpoint as ckpt
 from cnnjax import convert, data, flags, parallel, transfer
 from cnnjax.data import sources
+from cnnjax.models import fastconv
 from cnnjax.models.registry import create_model
 
 
@@ -735,11 +736,11 @@ def _train(config, stop_after, verbose, mesh, info, model, train_data, eval_data
         progress.message(started_line)
 
     batch_sh, repl = parallel.batch_sharding(mesh), parallel.replicated(mesh)
-    p_train = jax.jit(train_step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl),
-                      donate_argnums=0)
-    p_eval = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
-    p_moments = jax.jit(make_moments_step(model), in_shardings=(repl, batch_sh),
-                        out_shardings=repl)
+    p_train = fastconv.jit(train_step, in_shardings=(repl, batch_sh),
+                           out_shardings=(repl, repl), donate_argnums=0)
+    p_eval = fastconv.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+    p_moments = fastconv.jit(make_moments_step(model), in_shardings=(repl, batch_sh),
+                             out_shardings=repl)
 
     def recalibrate(done: int) -> TrainState:
         """Fresh BatchNorm statistics from the next training batches (a pure function of the

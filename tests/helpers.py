@@ -55,22 +55,35 @@ def free_port() -> int:
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def env(devices: int, xla_flags: str = "") -> dict:
-    """The environment of a process of this checkout with `devices` CPU devices."""
+def env(devices: int, xla_flags: str = "", threads: int | None = None) -> dict:
+    """The environment of a process of this checkout with `devices` CPU devices (and `threads`
+    XLA CPU client threads, PJRT_NPROC, if given)."""
     e = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
     e.pop("JAX_NUM_CPU_DEVICES", None)
+    if threads:
+        e["PJRT_NPROC"] = str(threads)
     return e
 
 
-def start(args, processes=1, devices=1, module="experiments.train", xla_flags=""):
+# Runs compared bitwise across topologies (2 processes x 1 device against 1 process x 2
+# devices) give every process this many XLA CPU threads: XLA's own convolution kernels split
+# their sums by the thread count, and cnnjax gives a process of 2 simulated devices more threads
+# than one of 1 device (cnnjax.parallel), so without it the same SPMD program rounds differently
+# (2.3206279 against 2.3206282 at step 6 of test_sigterm_to_one_of_two_processes_saves_one_
+# step_on_both on an AMD EPYC; equal with equal thread counts).
+SAME_THREADS = 4
+
+
+def start(args, processes=1, devices=1, module="experiments.train", xla_flags="",
+          threads=None):
     """The real CLI `python -m MODULE ARGS`: `processes` processes on 127.0.0.1 (each with
-    `devices` CPU devices)."""
+    `devices` CPU devices and, if given, `threads` XLA CPU threads)."""
     base = [sys.executable, "-m", module, *args]
     multi = [[]] if processes == 1 else [
         [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
          f"--process_id={i}"] for port in [free_port()] for i in range(processes)]
-    return [subprocess.Popen(base + extra, env=env(devices, xla_flags), cwd=ROOT,
+    return [subprocess.Popen(base + extra, env=env(devices, xla_flags, threads), cwd=ROOT,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for extra in multi]
 

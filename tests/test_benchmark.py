@@ -70,12 +70,20 @@ def test_trace_shows_where_the_step_goes_layer_by_layer(tmp_path, monkeypatch, c
     named = {line.split(None, 1)[1] for line in kinds}
     assert {"convolution forward", "convolution backward"} <= named, kinds
     assert any(kind.endswith("update") for kind in named)  # the optimizer, outside the model
+    assert re.search(r"^ +\d+\.\d  no traced operation running \(XLA's own CPU convolutions",
+                     err, re.M), kinds
     assert list((tmp_path / "jax").glob("plugins/profile/*/*.trace.json.gz"))
 
     assert benchmark.main([*small, "--framework=torch", f"--trace={tmp_path / 'torch'}"]) == 0
     err = capsys.readouterr().err
     assert "torch.profiler, 2 steps" in err and "aten::convolution" in err
     assert json.loads((tmp_path / "torch" / "torch_trace.json").read_text())["traceEvents"]
+
+
+def test_idle_time_is_the_gaps_between_overlapping_operations():
+    # (start, duration): 0-10 and 5-15 overlap, then gaps 15-20 and 25-30
+    assert benchmark.idle_us([(20, 5), (0, 10), (5, 10), (30, 1), (21, 2)]) == 10
+    assert benchmark.idle_us([]) == 0 and benchmark.idle_us([(3, 4)]) == 0
 
 
 @pytest.mark.parametrize("op_name, opcode, expected", [

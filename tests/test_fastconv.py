@@ -227,3 +227,58 @@ def test_a_model_is_the_same_function_with_the_same_parameters(name):
     with fastconv.impl("xla"):
         reference = cnnjax.profile(name, 224).macs
     assert cnnjax.profile(name, 224).macs == reference  # the profile still counts convolutions
+
+
+def ynn_convolutions(compiled_text: str) -> int:
+    """How many of a compiled CPU module's YNNPACK fusions hold a convolution."""
+    bodies, name = {}, None
+    for line in compiled_text.splitlines():
+        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+            name = line.split()[0].lstrip("%")
+            bodies[name] = ""
+        elif name:
+            bodies[name] += line
+    calls = [line.split("calls=%")[1].split(",")[0].split()[0]
+             for line in compiled_text.splitlines() if "ynn_fusion" in line and "calls=%" in line]
+    return sum(" convolution(" in bodies.get(c, "") for c in calls)
+
+
+def test_full_convolutions_compile_to_xla_kernels_not_ynnpack_on_the_cpu():
+    """Under "auto", `fastconv.jit` compiles a full 3x3 convolution and its gradients with
+    XLA's own CPU kernels (jaxlib 0.10 gives them to YNNPACK by default, slower here), with the
+    same values; under "xla" XLA's default stands; a caller's own options are kept."""
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
+    k = jax.random.normal(jax.random.key(1), (3, 3, 32, 48)) * 0.1
+
+    def f(x, k):
+        y, vjp = jax.vjp(lambda x, k: fastconv.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN), x, k)
+        return (y, *vjp(jnp.cos(y)))
+
+    assert fastconv.compiler_options() == fastconv.CPU_COMPILER_OPTIONS
+    results, counts = {}, {}
+    for impl in ("auto", "xla"):
+        with fastconv.impl(impl):
+            step = fastconv.jit(lambda x, k: f(x, k))
+            text = step.lower(x, k).compile().as_text()
+            counts[impl] = (ynn_convolutions(text), text.count(" convolution("))
+            results[impl] = step(x, k)
+    assert counts["auto"][0] == 0 and counts["auto"][1] == 3, counts  # forward, both gradients
+    assert counts["xla"][0] == 3, counts
+    for a, b in zip(results["auto"], results["xla"]):
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(b))))
+    with fastconv.impl("xla"):
+        assert fastconv.compiler_options() == {}
+    mine = fastconv.jit(lambda x, k: f(x, k), compiler_options={"xla_cpu_enable_fast_math": False})
+    assert ynn_convolutions(mine.lower(x, k).compile().as_text()) == 0
+
+
+def test_compiler_options_a_jaxlib_does_not_know_are_left_out(monkeypatch):
+    monkeypatch.setattr(fastconv, "CPU_COMPILER_OPTIONS",
+                        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NO_SUCH"})
+    fastconv._options_known.cache_clear()
+    try:
+        assert fastconv.compiler_options() == {}
+        assert fastconv.jit(lambda x: x * 2)(jnp.float32(3)) == 6
+    finally:
+        fastconv._options_known.cache_clear()

@@ -20,7 +20,7 @@ import pytest
 from flax import serialization
 
 from cnnjax import checkpoint, data, parallel, train
-from helpers import cli, env, finish, read_metrics, start
+from helpers import SAME_THREADS, cli, env, finish, read_metrics, start
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPEC = {"space": {"num_layers": 2, "input_size": 8},
@@ -243,13 +243,15 @@ def wait_until_stopped(proc, timeout=30) -> None:
 @pytest.mark.slow
 def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(spec_file, data_dir, tmp_path):
     """SIGTERM to process 1 only: both processes stop at the same step, save it, exit 0 within
-    30 s; the run resumed in one process (two devices: the same SPMD program, bitwise, see
-    test_two_processes_equal_one_process_with_as_many_devices) equals an unbroken run."""
+    30 s; the run resumed in one process (two devices: the same SPMD program with as many
+    threads, bitwise, see test_two_processes_equal_one_process_with_as_many_devices) equals an
+    unbroken run."""
     common = [f"--arch_spec={spec_file}", f"--data_dir={data_dir}", "--num_steps=300",
               "--log_every=1", "--eval_every=100", "--checkpoint_every=100"]
-    whole = start(common + [f"--workdir={tmp_path / 'whole'}"], devices=2)
+    whole = start(common + [f"--workdir={tmp_path / 'whole'}"], devices=2, threads=SAME_THREADS)
     finish(whole)
-    procs = start(common + [f"--workdir={tmp_path / 'parts'}"], processes=2)
+    procs = start(common + [f"--workdir={tmp_path / 'parts'}"], processes=2,
+                  threads=SAME_THREADS)
     wait_for_step(tmp_path / "parts", 10, procs)
     procs[1].send_signal(signal.SIGTERM)
     sent = time.monotonic()
@@ -258,7 +260,8 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_on_both(spec_file, data_
     saved = checkpoint.saved_steps(tmp_path / "parts")  # one save, on both: else it hangs
     assert len(saved) == 1 and 10 < saved[0] < 100, saved
     assert f"preempted (SIGTERM): every process saved step {saved[0]}" in errs[0], errs[0]
-    err, = finish(start(common + [f"--workdir={tmp_path / 'parts'}"], devices=2))
+    err, = finish(start(common + [f"--workdir={tmp_path / 'parts'}"], devices=2,
+                        threads=SAME_THREADS))
     assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
     assert_trees_equal(saved_state(tmp_path / "parts"), saved_state(tmp_path / "whole"))
 

@@ -18,7 +18,7 @@ import pytest
 from cnnjax import checkpoint, data, parallel, train
 from experiments import train as train_cli
 import helpers
-from helpers import cli, free_port, read_metrics
+from helpers import SAME_THREADS, cli, free_port, read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -31,8 +31,8 @@ SLOW_CPU_COLLECTIVES = ("--xla_cpu_collective_call_terminate_timeout_seconds=120
                         "--xla_cpu_collective_timeout_seconds=1200")
 
 
-def env(devices: int) -> dict:
-    return helpers.env(devices, SLOW_CPU_COLLECTIVES)
+def env(devices: int, threads: int | None = None) -> dict:
+    return helpers.env(devices, SLOW_CPU_COLLECTIVES, threads)
 
 
 def test_eight_devices_equal_one_device_on_the_same_global_batch(data_dir):
@@ -80,10 +80,11 @@ def test_simulated_cpu_devices_get_two_client_threads_each(devices, given, expec
 @pytest.mark.slow
 def test_two_processes_equal_one_process_with_as_many_devices(data_dir, tmp_path):
     """2 processes x 1 CPU device run 3 steps of the real CLI; 1 process x 2 devices agrees
-    bitwise, on any machine.
+    bitwise, on any machine, given the same number of XLA CPU threads (helpers.SAME_THREADS).
 
     Exact by construction: both run the same SPMD program on the same two shards (each
-    process feeds its own rows, assembled into the same global batch), and every cross-shard
+    process feeds its own rows, assembled into the same global batch) with as many threads
+    (XLA's own convolution kernels split their sums by the thread count), and every cross-shard
     reduction (gradients, BatchNorm statistics, the loss) is then a sum of two partial values,
     a + b, which float addition gives the same in any order. Comparing against 1 device would
     instead compare different summation orders, whose float32 rounding the chaotic first
@@ -97,13 +98,15 @@ def test_two_processes_equal_one_process_with_as_many_devices(data_dir, tmp_path
     procs = [subprocess.Popen(
         [sys.executable, *common, f"--workdir={tmp_path / 'multi'}",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        env=env(1), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        env=env(1, threads=SAME_THREADS), cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     single = subprocess.run([sys.executable, *common, f"--workdir={tmp_path / 'single'}"],
-                            env=env(2), cwd=ROOT, capture_output=True, text=True, timeout=600)
+                            env=env(2, threads=SAME_THREADS), cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
     assert single.returncode == 0, single.stderr[-3000:]
 
     multi_m, single_m = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")

@@ -21,9 +21,14 @@ float32 summation order differs) by one of these paths, chosen per shape:
   maximum of its window, as XLA's `select_and_scatter` does, by kh*kw selects and one padded
   sum (XLA:CPU's own backward builds index arrays over the whole padded input).
 
-`choose` holds the rule and says why (`choose_pool` for pooling); `set_impl("xla")` (or the
-environment variable CNNJAX_CONV=xla) turns every fast path off for comparison; the choice is
-made when a model is traced, so it applies to functions jitted after the call.
+- full convolutions (the "xla" path) compiled with XLA's own CPU convolution kernels rather
+  than YNNPACK's, which jaxlib 0.10 uses by default and which are slower here at most shapes:
+  `compiler_options()`, passed to `jax.jit` of a model's step (`fastconv.jit` does it).
+
+`choose` holds the rule and says why (`choose_pool` for pooling, `compiler_options` for the
+kernels); `set_impl("xla")` (or the environment variable CNNJAX_CONV=xla) turns every fast path
+off for comparison; the choice is made when a model is traced and jitted, so it applies to
+functions jitted after the call.
 """
 from __future__ import annotations
 
@@ -81,7 +86,8 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
     24->144: 3.2 / 39 against 1.3 / 14; 7x7, 320->1280: 2.6 / 11 against 1.6 / 6.3; grouped
     1x1 (ShuffleNet v1, 3 groups, 28x28x240): 8.9 / 106 against 4.7 / 6.5. Full 3x3
     convolutions were not faster as nine products (the kernel gradient, a contraction over the
-    batch and the map, is slow either way), so they stay with XLA. Grouped 3x3s (ResNeXt-50's,
+    batch and the map, is slow either way), so they stay with XLA (its own kernels rather than
+    YNNPACK's: `compiler_options`). Grouped 3x3s (ResNeXt-50's,
     32 groups, batch 8; 2-core EPYC): 56x56x128 XLA 131 / 7858 against 78 / 144; 28x28x256
     49 / 3947 against 33 / 94: XLA's grouped backward is some fifty times slower. Elsewhere
     than on the CPU every convolution stays with XLA, whose GPU and TPU convolutions are the
@@ -98,6 +104,47 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
     if groups > 1 and cin_g > 1:
         return "grouped"
     return "xla"
+
+
+# jaxlib 0.10's XLA:CPU hands every float32 2-D convolution in NHWC/HWIO form to YNNPACK
+# (its default list of library fusions: individual dots, individual convolutions, reductions).
+# Its convolutions were slower than XLA's own (Eigen) ones on the project's 2-core EPYC: batch
+# 8, one jitted convolution, YNNPACK / Eigen ms, forward, input gradient, kernel gradient:
+# 3x3 56x56x64 18.6 / 10.7, 18.3 / 10.9, 22.4 / 13.2; 28x28x128 9.9 / 9.1, 9.6 / 9.4,
+# 11.3 / 10.2; 14x14x256 13.8 / 9.0, 9.8 / 9.6, 9.9 / 10.2; 7x7x512 11.4 / 10.5, 15.2 / 13.2,
+# 10.1 / 9.5; ResNet's 7x7 stem 20.8 / 15.3 (forward), 32.2 / 18.1 (kernel gradient). Whole
+# train steps (python -m experiments.benchmark --arch=NAME): VGG-16 7.3 -> 5.0 s, DenseNet-121
+# 2.01 -> 1.79, ResNet-18 0.76 -> 0.68, MobileNet v2 0.76 -> 0.67; ResNet-50 and ShuffleNet v2
+# unchanged. Dots and reductions stay with YNNPACK (without them ResNet-50's step took 3.2 s
+# instead of 2.1: its BatchNorm gradients' reductions).
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options() -> dict[str, Any]:
+    """XLA options for `jax.jit` of a model's step: on the CPU under "auto", full convolutions
+    by XLA's own kernels instead of YNNPACK's (see CPU_COMPILER_OPTIONS); otherwise none, as
+    with a jaxlib that does not know the option."""
+    if get_impl() == "xla" or jax.default_backend() != "cpu" or not _options_known():
+        return {}
+    return dict(CPU_COMPILER_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _options_known() -> bool:
+    """Whether this jaxlib's CPU compiler accepts CPU_COMPILER_OPTIONS (its option and values)."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
+            jnp.zeros((), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error
+        return False
+    return True
+
+
+def jit(fun, **kwargs):
+    """`jax.jit(fun, **kwargs)` with `compiler_options()` added (the caller's options win)."""
+    options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
+    return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

@@ -38,6 +38,7 @@ from jax.sharding import SingleDeviceSharding
 from cnnjax import checkpoint as ckpt
 from cnnjax import data, flags, train
 from cnnjax.data import sources, transforms
+from cnnjax.models import fastconv
 from cnnjax.models.registry import create_model, model_spec
 from cnnjax.nas import controller as ctl
 from cnnjax.nas import reinforce
@@ -206,7 +207,7 @@ def jit_on(device, fun, fast: bool = True, **kw):
     is False: the unoptimised code of a big hand-designed model runs many times slower)."""
     if fast and device.platform == "cpu":
         kw["compiler_options"] = FAST_CPU_COMPILE
-    return jax.jit(fun, **kw)
+    return fastconv.jit(fun, **kw)
 
 
 class ChildTrainer:
