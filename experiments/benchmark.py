@@ -7,6 +7,7 @@ pipeline's images/s.
         [--workers=N] [--arch=resnet18]
     python -m experiments.benchmark --arch=mobilenet_v2 --compare=torch
     python -m experiments.benchmark --arch=resnet18 --trace=/tmp/trace [--framework=torch]
+    python -m experiments.benchmark --arch=resnet18 --convs
     python -m experiments.benchmark --all
     python -m experiments.benchmark --arch=resnet50 --dtype=bfloat16 --largest_batch \
         --compare=torch
@@ -94,6 +95,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="after timing, trace two more steps into DIR (Perfetto / TensorBoard's "
                         "profile plugin for cnnjax, a Chrome trace for --framework=torch) and "
                         "print where the step's time goes, operation by operation")
+    p.add_argument("--convs", action="store_true",
+                   help="after timing the step, time each distinct convolution of the model "
+                        "alone, jitted as the step is (forward, and forward with both "
+                        "gradients in train mode), and print them with their sum against the "
+                        "step: what --trace cannot show on the CPU, where XLA's own "
+                        "convolutions run asynchronously")
     p.add_argument("--framework", default="cnnjax", choices=("cnnjax", "torch"),
                    help="whose step to time in this process: cnnjax's, or torchvision's same "
                         "architecture (needs the torch extra)")
@@ -270,6 +277,8 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
         jax.profiler.stop_trace()
         print_xla_trace(args.trace, compiled.as_text(), TRACE_STEPS, 1e3 * dt / args.steps,
                         args.mode)
+    if args.convs:
+        print_conv_times(args, prof, 1e3 * dt / args.steps)
     temp = getattr(mem, "temp_size_in_bytes", None)
     flops = cost.get("flops")
     result = {
@@ -301,12 +310,18 @@ TORCH_MISSING = ("--framework=torch and --compare=torch need torch and torchvisi
 
 
 def check_trace(args) -> None:
-    """--trace traces the step that this process times: one framework, one run."""
+    """--trace traces the step that this process times: one framework, one run (--convs too,
+    cnnjax's alone)."""
     if args.trace and (args.compare or args.all or args.largest_batch or args.every_arch
                        or args.mode == "input"):
         raise ValueError("--trace traces one step in this process; drop --compare, --all, "
                          "--largest_batch, --every_arch and --mode=input (trace each side with "
                          "--framework=cnnjax or --framework=torch)")
+    if args.convs and (args.compare or args.all or args.largest_batch or args.every_arch
+                       or args.mode == "input" or args.framework == "torch"):
+        raise ValueError("--convs times the convolutions of cnnjax's step in this process; "
+                         "drop --compare, --all, --largest_batch, --every_arch, --mode=input "
+                         "and --framework=torch")
     if args.trace and pathlib.Path(args.trace).exists() and not pathlib.Path(args.trace).is_dir():
         raise ValueError(f"--trace={args.trace} is a file; give a directory (it is created if "
                          "missing)")
@@ -565,6 +580,90 @@ def print_xla_trace(trace_dir: str, hlo_text: str, steps: int, step_ms: float,
     idle = idle_us([(start, dur) for _, start, dur in events]) / steps / 1e3
     print(f"{idle:8.1f}  no traced operation running (XLA's own CPU convolutions, traced only "
           "at their launch, and the time between steps)", file=out)
+
+
+CONV_KINDS = ("conv", "dwconv", "gconv")  # cnnjax.profile's kinds of convolution layer
+
+
+def conv_shapes(prof) -> list[tuple[tuple, list[str]]]:
+    """The distinct convolutions of a profile, in order of first use: ((input shape without the
+    batch, kernel (kh, kw), output channels, strides, explicit padding, groups), their layers'
+    names)."""
+    found: dict[tuple, list[str]] = {}
+    for layer in prof.layers:
+        if layer.kind not in CONV_KINDS:
+            continue
+        padding = layer.padding
+        if padding is None:  # a string padding: the explicit one the output size implies
+            padding = []
+            for size, out, k, s in zip(layer.input_shape[1:3], layer.output_shape[1:3],
+                                       layer.kernel, layer.stride):
+                total = max((out - 1) * s + k - size, 0)
+                padding.append((total // 2, total - total // 2))
+        key = (layer.input_shape[1:], tuple(layer.kernel), layer.output_shape[-1],
+               tuple(layer.stride), tuple(tuple(p) for p in padding), layer.groups)
+        found.setdefault(key, []).append(layer.name)
+    return list(found.items())
+
+
+def time_jitted(fun, *operands, repeats: int) -> float:
+    """Median milliseconds of a compiled `fun(*operands)` after a warm-up call."""
+    compiled = fun.lower(*operands).compile()
+    jax.block_until_ready(compiled(*operands))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*operands))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def print_conv_times(args, prof, step_ms: float) -> float:
+    """--convs: each distinct convolution of the model timed alone at the step's batch size and
+    dtype, through the path the model takes (cnnjax.models.fastconv, with the step's compiler
+    options); the table goes to stderr. Returns the convolutions' summed milliseconds per step."""
+    import functools
+
+    from jax import lax
+
+    from cnnjax.models import fastconv
+    train = args.mode == "train"
+    dtype = jnp.dtype(args.dtype)
+    out = sys.stderr
+    print(f"Convolutions of {args.arch} alone, batch {args.batch_size}, {args.dtype}, ms "
+          f"(median of {max(args.steps, 3)}); {'forward with both gradients' if train else 'forward'}"
+          " is what a step spends on each", file=out)
+    print(f"{'count':>5}  {'input':<14} {'kernel':<12} {'stride':<6} {'groups':>6} "
+          f"{'path':<8} {'fwd':>7} {'fwd+grads':>9} {'x count':>8} {'GFLOP/s':>8}  first layer",
+          file=out)
+    total = 0.0
+    for (shape, kernel, cout, strides, padding, groups), names in conv_shapes(prof):
+        x = jnp.full((args.batch_size, *shape), 0.5, dtype)
+        k = jnp.full((*kernel, shape[-1] // groups, cout), 0.01, dtype)
+        numbers = lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+        conv = functools.partial(fastconv.conv_general_dilated, window_strides=strides,
+                                 padding=padding, dimension_numbers=numbers,
+                                 feature_group_count=groups)
+
+        def both(x, k):
+            y, pullback = jax.vjp(conv, x, k)
+            return pullback(y)
+        repeats = max(args.steps, 3)
+        fwd = time_jitted(fastconv.jit(conv), x, k, repeats=repeats)
+        grads = time_jitted(fastconv.jit(both), x, k, repeats=repeats) if train else None
+        per_step = (grads if train else fwd) * len(names)
+        total += per_step
+        macs = sum(layer.macs for layer in prof.layers if layer.name in names) // len(names)
+        flops = 2 * (3 if train else 1) * macs * args.batch_size
+        path = fastconv.choose(x.shape, k.shape, strides, padding, groups, dilated=False)
+        print(f"{len(names):>5}  {'x'.join(map(str, shape)):<14} "
+              f"{'x'.join(map(str, (*kernel, shape[-1] // groups, cout))):<12} "
+              f"{'x'.join(map(str, strides)):<6} {groups:>6} {path:<8} {fwd:7.1f} "
+              f"{grads if grads is not None else float('nan'):9.1f} {per_step:8.1f} "
+              f"{flops / (grads if train else fwd) / 1e6:8.1f}  {names[0]}", file=out)
+    print(f"the convolutions alone: {total:.0f} ms of the {step_ms:.0f} ms step "
+          f"({100 * total / step_ms:.0f}%)", file=out)
+    return total
 
 
 def child_argv(args, framework: str, conv: str | None = None) -> list[str]:

@@ -303,3 +303,22 @@ def test_remat_reaches_cnnjax_side_only():
     assert benchmark.options(args, "torch") == {}
     model = cnnjax.create_model("resnet18", **benchmark.options(args))
     assert model.remat
+
+
+def test_convs_times_each_distinct_convolution_through_its_path(capsys):
+    """--convs: one row a distinct convolution (count, shape, fastconv's path, times), every
+    convolution layer of the model counted once, and their sum against the step."""
+    argv = ["--arch=resnet18", "--convs", "--batch_size=2", "--image_size=32", "--steps=1",
+            "--num_classes=10"]
+    assert benchmark.main(argv) == 0
+    err = capsys.readouterr().err
+    rows = [line.split() for line in err.splitlines() if re.match(r"^ +\d+  \d+x\d+x\d+ ", line)]
+    layers = [layer for layer in cnnjax.profile("resnet18", 32, num_classes=10).layers
+              if layer.kind in benchmark.CONV_KINDS]
+    assert sum(int(r[0]) for r in rows) == len(layers) == 20
+    assert len(rows) == len({(r[1], r[2], r[3]) for r in rows}) == 11  # distinct shapes
+    paths = {r[1] + " " + r[2]: r[5] for r in rows}
+    assert paths["32x32x3 7x7x3x64"] == "xla" and paths["8x8x64 1x1x64x128"] == "dot"
+    assert paths["2x2x256 3x3x256x256"] == paths["1x1x512 3x3x512x512"] == "small"
+    assert all(float(r[6]) > 0 and float(r[7]) >= float(r[6]) * 0.5 for r in rows)
+    assert re.search(r"^the convolutions alone: \d+ ms of the \d+ ms step \(\d+%\)$", err, re.M)

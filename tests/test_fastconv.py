@@ -83,6 +83,32 @@ def test_grouped_as_shifted_batched_products_matches_xla(h, c, f, groups, stride
     assert_same_as_xla(x, k, (stride, stride), ((pad, pad), (pad, pad)), groups, "grouped")
 
 
+@pytest.mark.parametrize("n, h, c, f, kernel, stride, padding", [
+    (2, 2, 16, 8, 3, 1, ((1, 1), (1, 1))),   # ResNet's last 3x3s on 32-64 px images: 2x2 maps
+    (2, 1, 16, 8, 3, 1, ((1, 1), (1, 1))),   # a 1x1 map: the centre tap alone reads input
+    (3, 4, 8, 16, 3, 2, ((1, 1), (1, 1))),   # stride 2 onto 2x2
+    (2, 2, 8, 4, 5, 1, ((2, 2), (2, 2))),    # 5x5
+    (2, 3, 8, 4, 3, 2, ((0, 1), (1, 0))),    # uneven padding, odd map
+])
+def test_small_maps_as_one_product_match_xla(n, h, c, f, kernel, stride, padding):
+    x = jax.random.normal(jax.random.key(0), (n, h, h, c))
+    k = jax.random.normal(jax.random.key(1), (kernel, kernel, c, f))
+    assert_same_as_xla(x, k, (stride, stride), padding, 1, "small")
+
+
+def test_small_maps_leave_out_the_taps_that_read_padding_alone():
+    """On a 1x1 map with padding 1 a 3x3 kernel's eight outer taps multiply zeros: the product
+    contracts the centre tap's channels alone."""
+    def contraction(h):
+        x, k = jnp.ones((2, h, h, 16)), jnp.ones((3, 3, 16, 8))
+        eqns = jax.make_jaxpr(lambda x, k: fastconv.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN))(x, k).jaxpr.eqns
+        dot, = [e for e in eqns if e.primitive.name == "dot_general"]
+        return dot.invars[0].aval.shape[-1]
+    assert contraction(1) == 16
+    assert contraction(2) == 9 * 16  # on 2x2 every tap reads some input
+
+
 def pool_and_grad(impl, x, window, strides, padding):
     """The max pool of `x` and the input gradient of sum(pool * r) for a fixed random r."""
     def f(x):
@@ -163,6 +189,11 @@ def test_bfloat16_stays_bfloat16_and_close_to_xla():
     ((8, 56, 56, 64), (1, 1, 64, 64), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # padded 1x1
     ((8, 56, 56, 64), (3, 3, 1, 64), (2, 2), ((1, 1),) * 2, 64, False, "shift"),
     ((8, 56, 56, 64), (1, 1, 64, 256), (2, 2), ((0, 0),) * 2, 1, False, "dot"),
+    ((8, 2, 2, 512), (3, 3, 512, 512), (1, 1), ((1, 1),) * 2, 1, False, "small"),  # 2x2 map
+    ((8, 4, 4, 128), (3, 3, 128, 256), (2, 2), ((1, 1),) * 2, 1, False, "small"),  # onto 2x2
+    ((8, 3, 3, 512), (3, 3, 512, 512), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # 3x3 map
+    ((8, 4, 4, 512), (3, 3, 512, 512), (1, 1), ((1, 1),) * 2, 1, False, "xla"),  # 4x4 map
+    ((8, 2, 2, 64), (3, 3, 1, 64), (1, 1), ((1, 1),) * 2, 64, False, "shift"),  # depthwise
 ])
 def test_the_rule_picks_the_fast_path_only_where_it_applies(x, k, strides, padding, groups,
                                                              dilated, path):
@@ -192,7 +223,10 @@ def primitives(f, *args) -> list[str]:
     return [e.primitive.name for e in jax.make_jaxpr(f)(*args).jaxpr.eqns]
 
 
-@pytest.mark.parametrize("name", ["shufflenet_v1_g3"])  # depthwise, 1x1 and grouped 1x1
+@pytest.mark.parametrize("name", [
+    "shufflenet_v1_g3",  # depthwise, 1x1 and grouped 1x1
+    "resnet18",  # at 64x64 its last stage's 3x3s run on 2x2 maps: the "small" path
+])
 def test_a_model_is_the_same_function_with_the_same_parameters(name):
     """Same parameter tree, same logits and gradients within rounding, same counted MACs; and
     the fast model really has no depthwise or 1x1 convolution and no XLA max pooling left."""

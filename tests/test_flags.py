@@ -208,6 +208,11 @@ BENCHMARK_CASES = {
     "compare rounds=0": ([R18, "--compare=torch", "--rounds=0"],
                          "--rounds=0 must be a positive integer"),
     "all and arch": ([R18, "--all"], "--all measures resnet50, resnet18"),
+    "convs and compare": ([R18, "--compare=torch", "--convs"],
+                          "--convs times the convolutions of cnnjax's step in this process"),
+    "convs and torch": ([R18, "--framework=torch", "--convs"],
+                        "drop --compare, --all, --largest_batch, --every_arch, --mode=input "
+                        "and --framework=torch"),
     "trace and compare": ([R18, "--compare=torch", "--trace=tr"],
                           "--trace traces one step in this process; drop --compare"),
     "trace a file": ([R18, "--trace={file}"], "is a file; give a directory"),

@@ -15,6 +15,9 @@ float32 summation order differs) by one of these paths, chosen per shape:
 - "grouped": a grouped kh x kw convolution with several channels per group (ResNeXt's 3x3s)
   as kh*kw shifted, strided windows of the padded input, each contracted per group by one
   batched matrix product, accumulated in float32; its gradients are those of that composition.
+- "small": a full kh x kw convolution onto an output map of at most 2x2 (ResNet's last stages
+  on 32x32 to 64x64 images) as one matrix product over the concatenated windows that read any
+  input (im2col); XLA's is some fifty times slower there.
 
 - max pooling ("shift"): the max of the kh*kw shifted, strided windows of the input padded with
   -inf, with a backward pass of its own that routes each output's gradient to the first
@@ -77,8 +80,8 @@ def impl(value: str):
 
 def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int],
            padding: Any, groups: int, dilated: bool) -> str:
-    """The path for an NHWC input `x_shape` and HWIO kernel `k_shape` ("xla", "dot", "shift"
-    or "grouped").
+    """The path for an NHWC input `x_shape` and HWIO kernel `k_shape` ("xla", "dot", "shift",
+    "grouped" or "small": see SMALL_MAP).
 
     Measured on the project's 2-core Xeon (jaxlib 0.10.2, batch 8, one convolution jitted,
     forward / forward+backward, ms): depthwise 3x3 at 112x112x32 XLA 173 / 347, shifts 4 / 76;
@@ -103,7 +106,23 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
         return "shift"
     if groups > 1 and cin_g > 1:
         return "grouped"
+    if groups == 1 and kh * kw > 1 and all(lo >= 0 and hi >= 0 for lo, hi in padding):
+        oh = _out_size(x_shape[1], padding[0], kh, strides[0])
+        ow = _out_size(x_shape[2], padding[1], kw, strides[1])
+        if oh * ow <= SMALL_MAP:
+            return "small"
     return "xla"
+
+
+# Output maps of at most this many positions (2x2) take the "small" path: XLA:CPU's full
+# convolution (YNNPACK's or its own) is pathologically slow there. Batch 32, 3x3, 512->512,
+# forward / forward with both gradients, ms (2-core EPYC): 2x2 maps 266 / 541 against 3.6 /
+# 10.4 as one product; 1x1 maps 10.3 / 25.8 against 1.0 / 4.2. ResNet-18 at 32x32 (the digits),
+# batch 128: its 2x2 and 1x1 stages took 870 ms of a 1,090 ms step. At 4x4 maps neither way
+# wins everywhere (4x4x512: 14.5 against 10.6 at batch 8, 39.0 against 39.1 at batch 32), so
+# larger maps stay with XLA. `python -m experiments.benchmark --arch=NAME --convs` times each
+# convolution of a model through its path.
+SMALL_MAP = 4
 
 
 # jaxlib 0.10's XLA:CPU hands every float32 2-D convolution in NHWC/HWIO form to YNNPACK
@@ -171,7 +190,33 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     if path == "grouped":
         return _grouped(lhs, rhs, tuple(window_strides), padding, feature_group_count,
                         precision)
+    if path == "small":
+        return _small_map(lhs, rhs, tuple(window_strides), padding, precision)
     return plain()
+
+
+def _small_map(x, k, strides, padding, precision):
+    """Full kh x kw convolution onto a small output map as one matrix product: the strided
+    windows of the padded input that read any of the input (a window over padding alone adds
+    only zeros: on a 1x1 map with padding 1, a 3x3 kernel's centre tap is the only one left),
+    concatenated along the channels, contracted with those taps' kernels, in float32."""
+    kh, kw, cin, f = k.shape
+    h, w = x.shape[1:3]
+    oh = _out_size(h, padding[0], kh, strides[0])
+    ow = _out_size(w, padding[1], kw, strides[1])
+
+    def reads_input(tap, size, pad, out, stride):
+        # padded positions tap + stride * r, r < out; the input spans [pad, pad + size)
+        return any(pad <= tap + stride * r < pad + size for r in range(out))
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    live = [(i, j, tap) for i, j, tap in _taps(xp, kh, kw, strides, oh, ow)
+            if reads_input(i, h, padding[0][0], oh, strides[0])
+            and reads_input(j, w, padding[1][0], ow, strides[1])]
+    cols = jnp.concatenate([tap for _, _, tap in live], axis=-1)
+    kernel = jnp.concatenate([k[i, j] for i, j, _ in live], axis=0)  # (taps * cin, f)
+    y = lax.dot_general(cols, kernel, (((3,), (0,)), ((), ())), precision=precision,
+                        preferred_element_type=jnp.float32)
+    return y.astype(x.dtype)
 
 
 def _grouped(x, k, strides, padding, groups, precision):
