@@ -89,6 +89,7 @@ def test_grouped_as_shifted_batched_products_matches_xla(h, c, f, groups, stride
     (3, 4, 8, 16, 3, 2, ((1, 1), (1, 1))),   # stride 2 onto 2x2
     (2, 2, 8, 4, 5, 1, ((2, 2), (2, 2))),    # 5x5
     (2, 3, 8, 4, 3, 2, ((0, 1), (1, 0))),    # uneven padding, odd map
+    (2, 1, 4, 3, 2, 3, ((2, 2), (2, 2))),    # every window over padding alone: zeros
 ])
 def test_small_maps_as_one_product_match_xla(n, h, c, f, kernel, stride, padding):
     x = jax.random.normal(jax.random.key(0), (n, h, h, c))

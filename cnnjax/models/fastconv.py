@@ -109,7 +109,7 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
     if groups == 1 and kh * kw > 1 and all(lo >= 0 and hi >= 0 for lo, hi in padding):
         oh = _out_size(x_shape[1], padding[0], kh, strides[0])
         ow = _out_size(x_shape[2], padding[1], kw, strides[1])
-        if oh * ow <= SMALL_MAP:
+        if oh >= 1 and ow >= 1 and oh * ow <= SMALL_MAP:  # an empty output: XLA's own error
             return "small"
     return "xla"
 
@@ -212,6 +212,8 @@ def _small_map(x, k, strides, padding, precision):
     live = [(i, j, tap) for i, j, tap in _taps(xp, kh, kw, strides, oh, ow)
             if reads_input(i, h, padding[0][0], oh, strides[0])
             and reads_input(j, w, padding[1][0], ow, strides[1])]
+    if not live:  # every window over padding alone (a stride longer than the input)
+        return jnp.zeros((x.shape[0], oh, ow, f), x.dtype)
     cols = jnp.concatenate([tap for _, _, tap in live], axis=-1)
     kernel = jnp.concatenate([k[i, j] for i, j, _ in live], axis=0)  # (taps * cin, f)
     y = lax.dot_general(cols, kernel, (((3,), (0,)), ((), ())), precision=precision,
