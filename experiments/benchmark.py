@@ -658,8 +658,8 @@ def print_conv_times(args, prof, step_ms: float) -> float:
         path = fastconv.choose(x.shape, k.shape, strides, padding, groups, dilated=False)
         print(f"{len(names):>5}  {'x'.join(map(str, shape)):<14} "
               f"{'x'.join(map(str, (*kernel, shape[-1] // groups, cout))):<12} "
-              f"{'x'.join(map(str, strides)):<6} {groups:>6} {path:<8} {fwd:7.1f} "
-              f"{grads if grads is not None else float('nan'):9.1f} {per_step:8.1f} "
+              f"{'x'.join(map(str, strides)):<6} {groups:>6} {path:<8} {fwd:7.2f} "
+              f"{grads if grads is not None else float('nan'):9.2f} {per_step:8.2f} "
               f"{flops / (grads if train else fwd) / 1e6:8.1f}  {names[0]}", file=out)
     print(f"the convolutions alone: {total:.0f} ms of the {step_ms:.0f} ms step "
           f"({100 * total / step_ms:.0f}%)", file=out)
