@@ -629,10 +629,11 @@ def print_conv_times(args, prof, step_ms: float) -> float:
     from cnnjax.models import fastconv
     train = args.mode == "train"
     dtype = jnp.dtype(args.dtype)
+    repeats = max(args.steps, 3)
     out = sys.stderr
+    timed = "forward with both gradients" if train else "forward"
     print(f"Convolutions of {args.arch} alone, batch {args.batch_size}, {args.dtype}, ms "
-          f"(median of {max(args.steps, 3)}); {'forward with both gradients' if train else 'forward'}"
-          " is what a step spends on each", file=out)
+          f"(median of {repeats}); {timed} is what a step spends on each", file=out)
     print(f"{'count':>5}  {'input':<14} {'kernel':<12} {'stride':<6} {'groups':>6} "
           f"{'path':<8} {'fwd':>7} {'fwd+grads':>9} {'x count':>8} {'GFLOP/s':>8}  first layer",
           file=out)
@@ -648,7 +649,6 @@ def print_conv_times(args, prof, step_ms: float) -> float:
         def both(x, k):
             y, pullback = jax.vjp(conv, x, k)
             return pullback(y)
-        repeats = max(args.steps, 3)
         fwd = time_jitted(fastconv.jit(conv), x, k, repeats=repeats)
         grads = time_jitted(fastconv.jit(both), x, k, repeats=repeats) if train else None
         per_step = (grads if train else fwd) * len(names)
@@ -907,14 +907,8 @@ def matmul_tflop_per_s(n: int = 8192, repeats: int = 10) -> float:
     """Measured bfloat16 matrix-product rate of this process's first device (random operands,
     median of `repeats` after a warm-up): the ceiling a model's TFLOP/s is read against."""
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.bfloat16) for i in (0, 1))
-    f = jax.jit(jnp.matmul)
-    f(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(times)) / 1e12
+    ms = time_jitted(jax.jit(jnp.matmul), a, b, repeats=repeats)
+    return 2 * n**3 / (ms / 1e3) / 1e12
 
 
 def bf16_peak(device_kind: str) -> float | None:
