@@ -10,7 +10,7 @@ import pytest
 from jax import lax
 
 import cnnjax
-from cnnjax.models import fastconv
+from cnnjax.models import fastconv, layers
 
 DN = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
@@ -70,6 +70,22 @@ def test_pointwise_as_a_matrix_product_matches_xla(c, f, groups, stride):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, c))
     k = jax.random.normal(jax.random.key(1), (1, 1, c // groups, f))
     assert_same_as_xla(x, k, (stride, stride), ((0, 0), (0, 0)), groups, "dot")
+
+
+def test_pointwise_kernel_gradient_reads_the_output_gradient_in_place():
+    """The 1x1 product's kernel gradient contracts the rows of two row-major matrices: XLA
+    compiles it without a transposed copy of the output gradient (its 4-D form made one, a
+    pass written across the whole activation)."""
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+    k = jax.random.normal(jax.random.key(1), (1, 1, 16, 32))
+
+    def f(x, k):
+        y, vjp = jax.vjp(lambda x, k: fastconv.conv_general_dilated(
+            x, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=DN), jnp.maximum(x, 0), k)
+        return vjp(jnp.cos(y) * 2)  # the gradient comes out of a fusion, as in a model
+
+    text = fastconv.jit(f).lower(x, k).compile().as_text()
+    assert "f32[128,32]" in text and "f32[32,128]" not in text  # rows x channels, never transposed
 
 
 @pytest.mark.parametrize("h, c, f, groups, stride, pad", [
@@ -317,3 +333,68 @@ def test_compiler_options_a_jaxlib_does_not_know_are_left_out(monkeypatch):
         assert fastconv.jit(lambda x: x * 2)(jnp.float32(3)) == 6
     finally:
         fastconv._options_known.cache_clear()
+
+
+def bn_loss_and_grads(impl, x, dtype=None, use_stats=False):
+    """Train-mode BatchNorm of `x` under `impl`: its output, updated statistics and the gradients
+    (input, scale, bias) of a loss of the output (and of the new statistics, `use_stats`)."""
+    model = layers.batch_norm(True, dtype, jnp.float32)()
+    with fastconv.impl(impl):
+        variables = model.init(jax.random.key(0), x)
+        params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(1), p.shape),
+                              variables["params"])
+
+        @jax.jit
+        def run(params, x):
+            def loss(params, x):
+                y, new = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                                     x, mutable=["batch_stats"])
+                total = jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(y.shape[-1]))
+                if use_stats:
+                    total += jnp.sum(jnp.cos(new["batch_stats"]["mean"]))
+                    total += jnp.sum(jnp.sqrt(new["batch_stats"]["var"]))
+                return total, (y, new)
+            (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(params, x)
+            return y, new, grads
+        return run(params, x)
+
+
+@pytest.mark.parametrize("shape, dtype, use_stats", [
+    ((8, 7, 7, 24), None, False), ((3, 5, 4, 16), None, True), ((32, 10), None, False),
+    ((4, 6, 6, 8), jnp.bfloat16, False)])
+def test_batch_norm_with_its_backward_written_out_matches_flax(shape, dtype, use_stats):
+    """layers.BatchNorm in training mode under "auto": flax's output and running statistics bit
+    for bit, its gradients within float32 rounding; the same variables and names."""
+    x = (jax.random.normal(jax.random.key(2), shape) * 3 + 1).astype(dtype or jnp.float32)
+    ours, ref = (bn_loss_and_grads(impl, x, dtype, use_stats) for impl in ("auto", "xla"))
+    assert ours[0].dtype == ref[0].dtype == (dtype or jnp.float32)
+    np.testing.assert_array_equal(np.asarray(ours[0], np.float32), np.asarray(ref[0], np.float32))
+    assert jax.tree.structure(ours[1]) == jax.tree.structure(ref[1])
+    for a, b in zip(jax.tree.leaves(ours[1]), jax.tree.leaves(ref[1])):
+        np.testing.assert_array_equal(a, b)
+    assert jax.tree.structure(ours[2]) == jax.tree.structure(ref[2])
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    for a, b in zip(jax.tree.leaves(ours[2]), jax.tree.leaves(ref[2])):
+        assert a.dtype == b.dtype
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.max(np.abs(b))))
+
+
+def test_batch_norm_takes_its_own_path_only_in_training_on_the_cpu():
+    """The written-out backward is a custom_vjp in the traced train step under "auto" alone;
+    evaluation (running statistics) and "xla" are flax's code."""
+    x = jnp.ones((2, 4, 4, 8))
+
+    def custom_calls(train, impl):
+        model = layers.batch_norm(train, None, jnp.float32)()
+        with fastconv.impl(impl):
+            variables = model.init(jax.random.key(0), x)
+            jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, mutable=["batch_stats"]))(
+                variables, x)
+        return sum(e.primitive.name == "custom_vjp_call" for e in jaxpr.jaxpr.eqns)
+
+    assert fastconv.choose_batch_norm() == "fast"
+    assert custom_calls(True, "auto") == 1
+    assert custom_calls(True, "xla") == 0 and custom_calls(False, "auto") == 0
+    with fastconv.impl("xla"):
+        assert fastconv.choose_batch_norm() == "xla"

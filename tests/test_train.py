@@ -503,3 +503,17 @@ def test_recalibrated_batch_norm_holds_exactly_the_batch_statistics(arch, overri
                                     moments(state, {"image": y}))
     for a, b in zip(jax.tree_util.tree_leaves(two.batch_stats), jax.tree_util.tree_leaves(expect)):
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_keep_if_picks_the_new_or_the_old_state_with_one_conditional_on_the_cpu():
+    """The train step's guard: the whole new tree or the whole old one, by one conditional (a
+    select per leaf made XLA:CPU compile a kernel per leaf)."""
+    new = {"w": jnp.ones((2, 3)), "b": (jnp.full(4, 2.0), jnp.arange(3))}
+    old = jax.tree.map(lambda x: x * 0 - 1, new)
+    for ok, want in ((True, new), (False, old)):
+        got = jax.jit(train.keep_if)(jnp.bool_(ok), new, old)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(a, b)
+    eqns = jax.make_jaxpr(train.keep_if)(jnp.bool_(True), new, old).jaxpr.eqns
+    assert [e.primitive.name for e in eqns if e.primitive.name in ("cond", "select_n")] == ["cond"]

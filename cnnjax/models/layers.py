@@ -224,14 +224,43 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
+class BatchNorm(nn.BatchNorm):
+    """flax's `nn.BatchNorm`, the same variables, names and forward bits; in training mode (batch
+    statistics, feature axis last, two-pass variance, scale and bias, as cnnjax builds them)
+    through `fastconv.batch_norm_train`, whose backward pass is written out, where
+    `fastconv.choose_batch_norm` picks it. Any other setting is flax's own code."""
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None, *, mask=None):
+        running = nn.merge_param("use_running_average", self.use_running_average,
+                                 use_running_average)
+        if (running or mask is not None or self.axis_name is not None or self.use_fast_variance
+                or self.axis not in (-1, x.ndim - 1) or not self.use_scale or not self.use_bias
+                or not self.force_float32_reductions or fastconv.choose_batch_norm() == "xla"):
+            return super().__call__(x, use_running_average, mask=mask)
+        features = (x.shape[-1],)
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                                features)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), features)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+        y, mean, var = fastconv.batch_norm_train(x, scale, bias, self.epsilon, jnp.dtype(dtype))
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return y
+
+
 def batch_norm(train: bool, dtype: Any, param_dtype: Any, **kw) -> ModuleDef:
     """BatchNorm with PyTorch's defaults: momentum 0.1 (0.9 here), epsilon 1e-5; `kw` overrides.
 
     The variance is computed in two passes, E[(x - mean)^2], not E[x^2] - mean^2: the one-pass
-    form cancels catastrophically and made results depend on how the batch was sharded.
+    form cancels catastrophically and made results depend on how the batch was sharded. The
+    module is `BatchNorm` above: flax's, with its training-mode gradient written out.
     """
     options = {"momentum": 0.9, "epsilon": 1e-5, "use_fast_variance": False, **kw}
-    return functools.partial(nn.BatchNorm, use_running_average=not train, dtype=dtype,
+    return functools.partial(BatchNorm, use_running_average=not train, dtype=dtype,
                              param_dtype=param_dtype, **options)
 
 
