@@ -314,7 +314,10 @@ def _depthwise_bwd(strides, padding, res, g):
     """The input gradient is itself a depthwise convolution: of the gradient, dilated by the
     stride and padded so that every input pixel sees the taps that read it, with the kernel
     flipped (one fused pass instead of kh*kw padded copies). The kernel gradient is, per tap,
-    the sum over the batch and the map of window(i, j) * gradient."""
+    the sum over the batch and the map of window(i, j) * gradient: the kh*kw sums as one
+    reduction with kh*kw results, which XLA fuses with the windows it reads (kh*kw separate
+    sums went each to a YNNPACK reduction that wrote its window out first: MobileNet v2's
+    step took 445 ms instead of 340, ShuffleNet v2's 153 instead of 128)."""
     x, k = res
     kh, kw = k.shape[:2]
     (sh, sw), ((pt, _), (pl, _)) = strides, padding
@@ -328,8 +331,10 @@ def _depthwise_bwd(strides, padding, res, g):
     gx = _shift_sum(gp, k[::-1, ::-1], (1, 1), h, w).astype(x.dtype)
     xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
     g32 = g.astype(jnp.float32)
-    gk = jnp.stack([jnp.sum(tap.astype(jnp.float32) * g32, axis=(0, 1, 2))
-                    for _, _, tap in _taps(xp, kh, kw, strides, oh, ow)])
+    products = tuple(tap.astype(jnp.float32) * g32
+                     for _, _, tap in _taps(xp, kh, kw, strides, oh, ow))
+    gk = jnp.stack(lax.reduce(products, (jnp.float32(0),) * len(products),
+                              lambda a, b: tuple(u + v for u, v in zip(a, b)), (0, 1, 2)))
     return gx, gk.reshape(kh, kw, 1, c).astype(k.dtype)
 
 
