@@ -3,6 +3,7 @@ backward, within float32 rounding; max pooling gives XLA's outputs bit for bit a
 (to the first maximum of each window) within rounding; the rules pick the fast paths where they
 should; the switch turns them off; models keep their parameters, names and counted
 multiply-adds."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -413,6 +414,15 @@ def test_batch_norm_takes_its_own_path_only_in_training_on_the_cpu():
                 variables, x)
         return sum(e.primitive.name == "custom_vjp_call" for e in jaxpr.jaxpr.eqns)
 
+    for train in (True, False):  # a method interceptor (cnnjax.profile) sees one BatchNorm
+        model = layers.batch_norm(train, None, jnp.float32)()
+        variables, seen = model.init(jax.random.key(0), x), []
+        def record(f, args, kwargs, context):
+            seen.append(context.method_name)
+            return f(*args, **kwargs)
+        with nn.intercept_methods(record):
+            model.apply(variables, x, mutable=["batch_stats"])
+        assert seen == ["__call__"], (train, seen)
     assert fastconv.choose_batch_norm() == "fast"
     assert custom_calls(True, "auto") == 1
     assert custom_calls(True, "xla") == 0 and custom_calls(False, "auto") == 0

@@ -73,7 +73,20 @@ def test_forward_train_and_gradients(name):
     chex.assert_tree_all_finite((eval_logits, train_logits, grads))
     zero = [jax.tree_util.keystr(p) for p, g in jax.tree_util.tree_leaves_with_path(grads)
             if not np.any(np.asarray(g) != 0)]
-    assert not zero, f"{name}: parameters with an all-zero gradient: {zero}"
+    if zero:
+        # A BatchNorm offset read only through 1x1 convolutions by train-mode BatchNorms shifts
+        # their inputs by a constant per channel, which they subtract: its train-mode gradient
+        # is zero in exact arithmetic, and exactly zero when such a BatchNorm normalises two
+        # values (a 1x1 map, batch 2: the mobile networks' last stages here). Those offsets
+        # must still reach the loss in eval mode, where BatchNorm is an affine map.
+        def eval_loss(params):
+            return jnp.sum(model.apply({**variables, "params": params}, x, train=False) * w)
+        eval_grads = jax.jit(jax.grad(eval_loss))(variables["params"])
+        flat = {jax.tree_util.keystr(p): g
+                for p, g in jax.tree_util.tree_leaves_with_path(eval_grads)}
+        unreached = [p for p in zero if not p.endswith("['bn']['bias']")
+                     or not np.any(np.asarray(flat[p]) != 0)]
+        assert not unreached, f"{name}: parameters with an all-zero gradient: {unreached}"
     if "batch_stats" in variables:  # train mode updates the running statistics
         before = jax.tree_util.tree_leaves(variables["batch_stats"])
         after = jax.tree_util.tree_leaves(updates["batch_stats"])

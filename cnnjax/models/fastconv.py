@@ -467,7 +467,8 @@ def _batch_norm_bwd(epsilon, dtype, res, cts):
     centred = x - mean
     xhat = centred * rstd
     dbias, dscale = dy.sum(axes), (dy * xhat).sum(axes)
-    dx = (scale * rstd) * (dy - dbias / n - xhat * (dscale / n)) + (dmean + 2 * dvar * centred) / n
+    dx = ((scale * rstd) * (dy - dbias / n - xhat * (dscale / n))
+          + (dmean + 2 * dvar * centred) / n)
     return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 

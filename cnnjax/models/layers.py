@@ -224,6 +224,9 @@ def make_divisible(value: float, divisor: int = 8, min_value: int | None = None)
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
+_FLAX_BATCH_NORM = nn.BatchNorm.__call__.__wrapped__  # the function flax wraps as the method
+
+
 class BatchNorm(nn.BatchNorm):
     """flax's `nn.BatchNorm`, the same variables, names and forward bits; in training mode (batch
     statistics, feature axis last, two-pass variance, scale and bias, as cnnjax builds them)
@@ -237,7 +240,9 @@ class BatchNorm(nn.BatchNorm):
         if (running or mask is not None or self.axis_name is not None or self.use_fast_variance
                 or self.axis not in (-1, x.ndim - 1) or not self.use_scale or not self.use_bias
                 or not self.force_float32_reductions or fastconv.choose_batch_norm() == "xla"):
-            return super().__call__(x, use_running_average, mask=mask)
+            # flax's own body, not `super().__call__`: that is flax's wrapped method, which
+            # method interceptors (cnnjax.profile, summaries) would see as a second BatchNorm
+            return _FLAX_BATCH_NORM(self, x, use_running_average, mask=mask)
         features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
                                 features)
