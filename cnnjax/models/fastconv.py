@@ -35,9 +35,9 @@ float32 summation order differs) by one of these paths, chosen per shape:
   `compiler_options()`, passed to `jax.jit` of a model's step (`fastconv.jit` does it).
 
 `choose` holds the rule and says why (`choose_pool` for pooling, `choose_batch_norm` for
-BatchNorm, `compiler_options` for the kernels); `set_impl("xla")` (or the environment variable CNNJAX_CONV=xla) turns every fast path
-off for comparison; the choice is made when a model is traced and jitted, so it applies to
-functions jitted after the call.
+BatchNorm, `compiler_options` for the kernels); `set_impl("xla")` (or the environment variable
+CNNJAX_CONV=xla) turns every fast path off for comparison; the choice is made when a model is
+traced and jitted, so it applies to functions jitted after the call.
 """
 from __future__ import annotations
 
@@ -257,9 +257,9 @@ def _pointwise(x, k, strides, groups, precision):
     f = k.shape[-1]
     acc = jnp.float32  # accumulate in float32 whatever the compute dtype, as XLA's conv does
     if groups == 1:
-        # A product of 2-D matrices: of the 4-D form, whose kernel gradient contracts three
-        # axes, XLA:CPU made the kernel gradient transpose the output gradient first (a copy
-        # written across the whole activation: 30 ms of ResNet-50's 17 ms 1x1 at 56x56x256).
+        # A product of 2-D matrices. For the 4-D form, whose kernel gradient contracts three
+        # axes, XLA:CPU transposed the output gradient first, a copy written across the whole
+        # activation: one 56x56 64->256 kernel gradient took 17.7 ms instead of 4.1.
         y = lax.dot_general(x.reshape(n * h * w, c), k[0, 0], (((1,), (0,)), ((), ())),
                             precision=precision, preferred_element_type=acc)
         return y.reshape(n, h, w, f).astype(x.dtype)
