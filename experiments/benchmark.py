@@ -35,6 +35,10 @@ table (machine, versions and command included) between the README's input-benchm
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first of all: glibc reads its tunables only when a process starts
+    from experiments import hostmem
+    hostmem.reexec_with_huge_pages()
+
 import argparse
 import json
 import os
@@ -49,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax import flags
+from experiments import hostmem
 
 RULES = {name: flags.optional(flags.POSITIVE_INT)
          for name in ("batch_size", "image_size", "num_classes", "steps", "workers",
@@ -264,11 +269,13 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
 
     state, out = run(state)  # warm-up
     jax.block_until_ready(out)
+    faults = minor_faults()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         state, out = run(state)
     jax.block_until_ready(out)
     dt = time.perf_counter() - t0
+    faults = (minor_faults() - faults) / args.steps
     if args.trace:
         jax.profiler.start_trace(args.trace, create_perfetto_trace=True)
         for _ in range(TRACE_STEPS):
@@ -297,6 +304,7 @@ def time_step(args, mesh, state, train_step, eval_step) -> int:
         "temp_bytes": temp, "temp_bytes_per_image": temp / args.batch_size if temp else None,
         "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
         "output_bytes": getattr(mem, "output_size_in_bytes", None),
+        "huge_pages": hostmem.active(), "minor_faults_per_step": faults,
     }
     print(json.dumps(result))
     return 0
@@ -438,11 +446,13 @@ def _torch_benchmark(args, torch) -> int:
     for _ in range(2):
         step()
     sync()
+    faults = minor_faults()
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync()
     dt = time.perf_counter() - t0
+    faults = (minor_faults() - faults) / args.steps
     if args.trace:
         from torch import profiler
         with profiler.profile(activities=[profiler.ProfilerActivity.CPU]
@@ -463,8 +473,16 @@ def _torch_benchmark(args, torch) -> int:
         "img_per_s": args.steps * args.batch_size / dt, "step_ms": 1e3 * dt / args.steps,
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "threads": torch.get_num_threads(),
+        "huge_pages": hostmem.active(), "minor_faults_per_step": faults,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}))
     return 0
+
+
+def minor_faults() -> int:
+    """This process's minor page faults so far (each a page the kernel mapped in, and zeroed
+    if new): per step, how much of the step's memory was fresh. See experiments/hostmem.py."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 TRACE_ROWS = 25  # operations --trace lists
@@ -718,6 +736,10 @@ def comparison(args, conv: str | None = None) -> dict:
         "flops": first["flops"], "gflop_per_s": (first["flops"] or 0) * a / first["batch_size"]
         / 1e9, "temp_bytes_per_image": first["temp_bytes_per_image"],
         "torch": theirs[0]["torch"], "torch_threads": theirs[0]["threads"],
+        # both sides inherit this process's environment: the same malloc settings
+        "huge_pages": first["huge_pages"],
+        "minor_faults_per_step": {"cnnjax": first["minor_faults_per_step"],
+                                  "torch": theirs[0]["minor_faults_per_step"]},
         "rounds": {"cnnjax": [r["img_per_s"] for r in ours],
                    "torch": [r["img_per_s"] for r in theirs]}}
 
@@ -825,7 +847,8 @@ def render_every(rows: list[dict], args) -> str:
         "## Every architecture: compile time, step time, memory", "",
         "Written by `" + args.command + "`; never edited by hand.", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['devices']}); Python {m['python']}, "
-        f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; {m['date']}.", "",
+        f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; {m['date']}. "
+        + malloc_note(first.get("huge_pages")), "",
         f"One {args.mode} step of cnnjax (`--conv={args.conv}`) at batch "
         f"{first.get('batch_size', args.batch_size or 8)}, {args.image_size}x{args.image_size}, "
         f"{args.dtype}, each architecture in a fresh process: XLA compile seconds of the step, "
@@ -998,6 +1021,15 @@ def render_largest(rows: list[dict], args, extra: dict, *, done: bool) -> str:
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
+def malloc_note(huge_pages: bool | None) -> str:
+    """How the measured processes allocated host memory (experiments/hostmem.py)."""
+    if huge_pages:
+        return ("Every process, PyTorch's too, ran with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`: "
+                "transparent huge pages for malloc's large buffers (`experiments/hostmem.py`).")
+    return ("Every process ran with glibc's default malloc (`CNNJAX_HUGE_PAGES=0`, or no "
+            "transparent huge pages here): 4 KiB pages, faulted in anew each step.")
+
+
 def render_benchmarks(rows: list[dict], args) -> str:
     """BENCHMARKS.md: the --all table with the machine, versions and command it came from."""
     from experiments import zoo
@@ -1008,7 +1040,8 @@ def render_benchmarks(rows: list[dict], args) -> str:
         "Written by `" + args.command + "`; never edited by hand.", "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['devices']}); Python {m['python']}, "
         f"jax {m['jax']}, jaxlib {m['jaxlib']}, flax {m['flax']}; PyTorch {a0['torch']} "
-        f"({a0['torch_threads']} threads, eager, channels_last); {m['date']}.", "",
+        f"({a0['torch_threads']} threads, eager, channels_last); {m['date']}. "
+        + malloc_note(a0.get("huge_pages")), "",
         f"One {a0['mode']} step at batch {a0['batch_size']}, {a0['image_size']}x"
         f"{a0['image_size']}, {a0['dtype']}, SGD with Nesterov momentum and BatchNorm updates; "
         f"cnnjax's numbers the median of {args.rounds} fresh processes each, alternating with "

@@ -15,6 +15,10 @@ Checkpoints are written in the background; WORKDIR/best keeps the one of the bes
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first of all: glibc reads its tunables only when a process starts
+    from experiments import hostmem
+    hostmem.reexec_with_huge_pages()
+
 import argparse
 import dataclasses
 import os

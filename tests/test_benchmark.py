@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cnnjax
-from experiments import benchmark
+from experiments import benchmark, hostmem
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 pytest.importorskip("torchvision")
@@ -38,7 +38,11 @@ def test_all_compares_each_architecture_before_and_after_and_writes_the_table(
         assert r["ratio"] == pytest.approx(r["cnnjax_img_per_s"] / r["torch_img_per_s"])
         assert r["compile_s"] > 0 and r["flops"] > 0 and r["temp_bytes_per_image"] > 0
         assert len(r["rounds"]["cnnjax"]) == len(r["rounds"]["torch"]) == 1
+        # both sides in the same malloc environment (experiments/hostmem.py), and it is told
+        assert r["huge_pages"] is (hostmem.tunables() is not None or hostmem.active())
+        assert min(r["minor_faults_per_step"].values()) >= 0
     text = out.read_text()
+    assert benchmark.malloc_note(row["after"]["huge_pages"]) in text
     assert "# old table" not in text and text.endswith(f"\n{kept}\n"), (
         "--all rewrites its table and keeps the sections the other commands wrote")
     assert f"Written by `python -m experiments.benchmark {' '.join(argv)}`" in text
