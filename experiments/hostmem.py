@@ -73,14 +73,30 @@ def active(environ=None) -> bool:
     return any(s.startswith(f"{TUNABLE}=") and s != f"{TUNABLE}=0" for s in settings)
 
 
+def without_huge_pages(environ=None) -> dict[str, str]:
+    """The environment of a process to start on glibc's default malloc: `environ` (default
+    os.environ) without any `glibc.malloc.hugetlb` setting, and told not to add one."""
+    environ = dict(os.environ if environ is None else environ)
+    kept = [t for t in environ.get("GLIBC_TUNABLES", "").split(":")
+            if t and not t.startswith(f"{TUNABLE}=")]
+    environ.pop("GLIBC_TUNABLES", None)
+    if kept:
+        environ["GLIBC_TUNABLES"] = ":".join(kept)
+    environ[SWITCH] = "0"
+    return environ
+
+
 def reexec_with_huge_pages() -> None:
     """Starts this process's command again with huge pages on, when `tunables()` says it
     would help; returns (doing nothing) otherwise. Call it before anything else happens: the
     process is replaced, and what it did so far is gone."""
     value = tunables()
-    if value is None or not getattr(sys, "orig_argv", None):
+    if value is None or not sys.executable or not getattr(sys, "orig_argv", None):
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
-              {**os.environ, "GLIBC_TUNABLES": value})
+    try:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]],
+                  {**os.environ, "GLIBC_TUNABLES": value})
+    except OSError:  # could not start it again: go on as it is, with glibc's default
+        return

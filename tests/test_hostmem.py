@@ -95,3 +95,13 @@ def test_the_benchmark_runs_with_huge_pages_and_faults_far_less():
     assert runs["1"]["arch"] == "vgg11" and runs["1"]["batch_size"] == 2
     assert runs["0"]["minor_faults_per_step"] > 50_000
     assert runs["1"]["minor_faults_per_step"] < runs["0"]["minor_faults_per_step"] / 10
+
+
+def test_without_huge_pages_keeps_other_tunables_and_stops_the_restart():
+    env = hostmem.without_huge_pages(
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1", "PATH": "/bin"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin",
+                   hostmem.SWITCH: "0"}
+    assert not hostmem.active(env) and hostmem.tunables(env) is None
+    assert "GLIBC_TUNABLES" not in hostmem.without_huge_pages(
+        {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
