@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                         "architecture (needs the torch extra)")
     p.add_argument("--compare", choices=("torch",),
                    help="time cnnjax and torchvision in fresh processes, alternating, "
-                        "--rounds times; print both medians and their ratio")
+                        "--rounds times (PyTorch with and without glibc's huge pages, when "
+                        "cnnjax has them); print the medians and the ratio to PyTorch's "
+                        "faster")
     p.add_argument("--all", action="store_true",
                    help="--compare=torch for each of the standard architectures (ALL_ARCHS), "
                         "with --conv=xla and --conv=auto, and write the table to --out")
@@ -771,9 +773,11 @@ def compare(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result))
+    malloc = {"torch": "huge pages" if result["huge_pages"] else "glibc's default malloc",
+              "torch_glibc_default": "glibc's default malloc"}[result["torch_malloc"]]
     print(f"{args.arch} {args.mode}: cnnjax {result['cnnjax_img_per_s']:.2f} img/s, PyTorch "
-          f"{result['torch_img_per_s']:.2f} img/s, ratio {result['ratio']:.2f} (medians of "
-          f"{args.rounds})", file=sys.stderr)
+          f"{result['torch_img_per_s']:.2f} img/s ({malloc}), ratio {result['ratio']:.2f} "
+          f"(medians of {args.rounds})", file=sys.stderr)
     return 0
 
 

@@ -338,3 +338,16 @@ def test_convs_times_each_distinct_convolution_through_its_path(capsys):
     # forward and forward-with-gradients milliseconds, numbers (a tiny one may print as 0.00)
     assert all(np.isfinite([float(r[6]), float(r[7]), float(r[8])]).all() for r in rows)
     assert re.search(r"^the convolutions alone: \d+ ms of the \d+ ms step \(\d+%\)$", err, re.M)
+
+
+@pytest.mark.parametrize("huge, faster, said", [
+    (True, "torch", "(huge pages)"), (True, "torch_glibc_default", "(glibc's default malloc)"),
+    (False, "torch", "(glibc's default malloc)")])
+def test_compare_says_which_malloc_setting_pytorch_was_faster_in(monkeypatch, capsys, huge,
+                                                                 faster, said):
+    result = {"cnnjax_img_per_s": 10.0, "torch_img_per_s": 12.5, "ratio": 0.8,
+              "huge_pages": huge, "torch_malloc": faster}
+    monkeypatch.setattr(benchmark, "comparison", lambda args: result)
+    assert benchmark.main(["--arch=resnet18", "--compare=torch", "--rounds=2"]) == 0
+    err = capsys.readouterr().err
+    assert f"cnnjax 10.00 img/s, PyTorch 12.50 img/s {said}, ratio 0.80 (medians of 2)" in err
