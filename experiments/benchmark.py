@@ -737,10 +737,11 @@ def comparison(args, conv: str | None = None) -> dict:
     """cnnjax's and torchvision's step in fresh processes, alternating, `args.rounds` times
     (PyTorch's in each of `torch_environments()`): the medians, the ratio of cnnjax's to
     PyTorch's faster one, and cnnjax's compile time, FLOPs and memory."""
-    ours, theirs = [], {name: [] for name in torch_environments()}
+    envs = torch_environments()
+    ours, theirs = [], {name: [] for name in envs}
     for _ in range(args.rounds):  # alternating, so that drifts of the machine hit both alike
         ours.append(run_child(child_argv(args, "cnnjax", conv)))
-        for name, env in torch_environments().items():
+        for name, env in envs.items():
             theirs[name].append(run_child(child_argv(args, "torch"), env=env))
     a = float(np.median([r["img_per_s"] for r in ours]))
     medians = {name: float(np.median([r["img_per_s"] for r in runs]))

@@ -7,8 +7,8 @@ every 4 KiB page of it again on every step: 575,000 minor page faults a step for
 project's 2-core EPYC. glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes
 malloc advise transparent huge pages on those mappings: 2 MiB pages, some 3,400 faults a step,
 and the step takes 2.27 s instead of 2.84 (ResNet-50's 0.75 s instead of 1.18). PyTorch's
-eager step gains from it too (VGG-16 2.92 -> 2.18 s), so the benchmark gives both frameworks
-the same environment.
+eager step faults far less and gains on some models, loses on others, so the benchmark times it
+both ways (experiments/benchmark.py, `torch_environments`).
 
 glibc reads its tunables once, when a process starts, so a running process cannot turn this
 on for itself: `reexec_with_huge_pages()` starts the same command again, in the same process
@@ -16,9 +16,9 @@ on for itself: `reexec_with_huge_pages()` starts the same command again, in the 
 points `python -m experiments.train` and `python -m experiments.benchmark` call it first thing,
 before anything heavier than this module is imported (a restart costs some 30 ms); a notebook
 or script of your own can be started with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its
-environment instead. `CNNJAX_HUGE_PAGES=0` in
-the environment turns it off (for comparison). Where it cannot help it does nothing: outside
-Linux with glibc, or where the kernel's transparent huge pages are `never`.
+environment instead. `CNNJAX_HUGE_PAGES=0` in the environment turns it off (for comparison).
+Where it cannot help it does nothing: outside Linux with glibc, or where the kernel's
+transparent huge pages are `never`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,11 @@ def _thp_mode(path: str = THP_ENABLED) -> str | None:
     return text[start + 1:end] if 0 <= start < end else None
 
 
+def _settings(environ) -> list[str]:
+    """The settings of GLIBC_TUNABLES in `environ`, one `name=value` each."""
+    return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
 def tunables(environ=None, *, thp_path: str = THP_ENABLED, glibc: bool | None = None
              ) -> str | None:
     """The GLIBC_TUNABLES value to start a process with, or None to leave it as it is: it is
@@ -56,29 +61,27 @@ def tunables(environ=None, *, thp_path: str = THP_ENABLED, glibc: bool | None = 
     with CNNJAX_HUGE_PAGES=0, not Linux with glibc, or the kernel's huge pages are `never`.
     Other tunables in GLIBC_TUNABLES are kept."""
     environ = os.environ if environ is None else environ
-    current = environ.get("GLIBC_TUNABLES", "")
-    if environ.get(SWITCH, "1") == "0" or TUNABLE in current:
+    current = _settings(environ)
+    if environ.get(SWITCH, "1") == "0" or any(t.startswith(f"{TUNABLE}=") for t in current):
         return None
     if not (sys.platform.startswith("linux") and (_glibc() if glibc is None else glibc)):
         return None
     if _thp_mode(thp_path) not in ("always", "madvise"):
         return None
-    return f"{current}:{SETTING}" if current else SETTING
+    return ":".join([*current, SETTING])
 
 
 def active(environ=None) -> bool:
     """Whether this process was started with glibc's huge-page tunable on."""
     environ = os.environ if environ is None else environ
-    settings = environ.get("GLIBC_TUNABLES", "").split(":")
-    return any(s.startswith(f"{TUNABLE}=") and s != f"{TUNABLE}=0" for s in settings)
+    return any(t.startswith(f"{TUNABLE}=") and t != f"{TUNABLE}=0" for t in _settings(environ))
 
 
 def without_huge_pages(environ=None) -> dict[str, str]:
     """The environment of a process to start on glibc's default malloc: `environ` (default
     os.environ) without any `glibc.malloc.hugetlb` setting, and told not to add one."""
     environ = dict(os.environ if environ is None else environ)
-    kept = [t for t in environ.get("GLIBC_TUNABLES", "").split(":")
-            if t and not t.startswith(f"{TUNABLE}=")]
+    kept = [t for t in _settings(environ) if not t.startswith(f"{TUNABLE}=")]
     environ.pop("GLIBC_TUNABLES", None)
     if kept:
         environ["GLIBC_TUNABLES"] = ":".join(kept)
