@@ -26,8 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cnnjax import checkpoint as ckpt
-from cnnjax import data, flags, parallel, train
-from cnnjax.models import fastconv
+from cnnjax import data, flags, parallel, runtime, train
 
 COMBINE = ("probs", "logits")
 SPLITS = ("test", "train")
@@ -167,7 +166,7 @@ def predict(workdir: str | os.PathLike | dict[str, Any], *, split: str = "test",
         out = model.apply(variables, image, train=False)
         return (out[0] if isinstance(out, tuple) else out).astype(jnp.float32)
 
-    forward = fastconv.jit(forward, in_shardings=(repl, rows), out_shardings=rows)
+    forward = runtime.jit(forward, in_shardings=(repl, rows), out_shardings=rows)
     variables = jax.device_put(variables, repl)
     outs, labels, keep = [], [], []
     for _, batch in loader.iterate(0, loader.steps_per_epoch):

@@ -183,8 +183,8 @@ def _softmax_apply(model, variables, x):
 
 @functools.lru_cache(maxsize=1)
 def _jitted():
-    from cnnjax.models import fastconv
-    return fastconv.jit(_softmax_apply, static_argnums=0)
+    from cnnjax import runtime
+    return runtime.jit(_softmax_apply, static_argnums=0)
 
 
 def _probability_fn(model):
@@ -192,8 +192,8 @@ def _probability_fn(model):
     try:
         hash(model)
     except TypeError:  # a module with an unhashable field: jit it on its own
-        from cnnjax.models import fastconv
-        return fastconv.jit(functools.partial(_softmax_apply, model))
+        from cnnjax import runtime
+        return runtime.jit(functools.partial(_softmax_apply, model))
     return functools.partial(_jitted(), model)
 
 

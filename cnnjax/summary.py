@@ -25,7 +25,8 @@ from cnnjax.profile import Layer, Profile, profile
 
 HEADER = ("layer", "kind", "in_C", "in_HxW", "filters", "kernel", "stride", "pad", "out_C",
           "out_HxW", "memory_KB", "params_k", "MFLOP")
-NOTE = "MFLOP = millions of multiply-adds (1 FLOP = 1 MAC); memory = output elements x bytes, batch 1"
+NOTE = ("MFLOP = millions of multiply-adds (1 FLOP = 1 MAC); memory = output elements x bytes, "
+        "batch 1")
 
 
 def _hw(shape: tuple[int, ...]) -> str:
@@ -112,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             plots.check_path("plot", args.plot)
         heads = {"num_classes": args.num_classes, "in_channels": args.in_channels}
         if args.arch_spec is not None:
-            from cnnjax import nas
+            from cnnjax.models import nasnet, nasspec
             try:
-                spec = nas.load_spec(args.arch_spec)
-            except nas.SpecError as e:
+                spec = nasspec.load_spec(args.arch_spec)
+            except nasspec.SpecError as e:
                 raise ValueError(f"--arch_spec: {e}") from None
-            model = nas.build(spec, **heads)
+            model = nasnet.build(spec, **heads)
             size = spec.space.input_size if args.input_size is None else args.input_size
             prof = dataclasses.replace(profile(model, size), name=model.arch)
         else:

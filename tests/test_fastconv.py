@@ -11,6 +11,7 @@ import pytest
 from jax import lax
 
 import cnnjax
+from cnnjax import runtime
 from cnnjax.models import fastconv, layers
 
 DN = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
@@ -70,7 +71,7 @@ def test_depthwise_kernel_gradient_never_writes_out_its_taps():
             jnp.maximum(x, 0), k)
         return vjp(jnp.cos(y) * 2)
 
-    text = fastconv.jit(f).lower(x, k).compile().as_text()
+    text = runtime.jit(f).lower(x, k).compile().as_text()
     entry = [line.split("=", 1)[1].split("{")[0].strip()
              for line in text[text.index("ENTRY"):].splitlines()[1:] if " = " in line]
     # the input and the input gradient alone have the map's shape; no tap of it is kept
@@ -105,7 +106,7 @@ def test_pointwise_kernel_gradient_reads_the_output_gradient_in_place():
             x, k, (1, 1), ((0, 0), (0, 0)), dimension_numbers=DN), jnp.maximum(x, 0), k)
         return vjp(jnp.cos(y) * 2)  # the gradient comes out of a fusion, as in a model
 
-    text = fastconv.jit(f).lower(x, k).compile().as_text()
+    text = runtime.jit(f).lower(x, k).compile().as_text()
     assert "f32[128,32]" in text and "f32[32,128]" not in text  # rows x channels, never transposed
 
 
@@ -301,61 +302,6 @@ def test_a_model_is_the_same_function_with_the_same_parameters(name):
     assert cnnjax.profile(name, 224).macs == reference  # the profile still counts convolutions
 
 
-def ynn_convolutions(compiled_text: str) -> int:
-    """How many of a compiled CPU module's YNNPACK fusions hold a convolution."""
-    bodies, name = {}, None
-    for line in compiled_text.splitlines():
-        if line and not line.startswith(" ") and line.rstrip().endswith("{"):
-            name = line.split()[0].lstrip("%")
-            bodies[name] = ""
-        elif name:
-            bodies[name] += line
-    calls = [line.split("calls=%")[1].split(",")[0].split()[0]
-             for line in compiled_text.splitlines() if "ynn_fusion" in line and "calls=%" in line]
-    return sum(" convolution(" in bodies.get(c, "") for c in calls)
-
-
-def test_full_convolutions_compile_to_xla_kernels_not_ynnpack_on_the_cpu():
-    """Under "auto", `fastconv.jit` compiles a full 3x3 convolution and its gradients with
-    XLA's own CPU kernels (jaxlib 0.10 gives them to YNNPACK by default, slower here), with the
-    same values; under "xla" XLA's default stands; a caller's own options are kept."""
-    x = jax.random.normal(jax.random.key(0), (2, 12, 12, 32))
-    k = jax.random.normal(jax.random.key(1), (3, 3, 32, 48)) * 0.1
-
-    def f(x, k):
-        y, vjp = jax.vjp(lambda x, k: fastconv.conv_general_dilated(
-            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=DN), x, k)
-        return (y, *vjp(jnp.cos(y)))
-
-    assert fastconv.compiler_options() == fastconv.CPU_COMPILER_OPTIONS
-    results, counts = {}, {}
-    for impl in ("auto", "xla"):
-        with fastconv.impl(impl):
-            step = fastconv.jit(lambda x, k: f(x, k))
-            text = step.lower(x, k).compile().as_text()
-            counts[impl] = (ynn_convolutions(text), text.count(" convolution("))
-            results[impl] = step(x, k)
-    assert counts["auto"][0] == 0 and counts["auto"][1] == 3, counts  # forward, both gradients
-    assert counts["xla"][0] == 3, counts
-    for a, b in zip(results["auto"], results["xla"]):
-        np.testing.assert_allclose(a, b, rtol=0, atol=2e-6 * float(jnp.max(jnp.abs(b))))
-    with fastconv.impl("xla"):
-        assert fastconv.compiler_options() == {}
-    mine = fastconv.jit(lambda x, k: f(x, k), compiler_options={"xla_cpu_enable_fast_math": False})
-    assert ynn_convolutions(mine.lower(x, k).compile().as_text()) == 0
-
-
-def test_compiler_options_a_jaxlib_does_not_know_are_left_out(monkeypatch):
-    monkeypatch.setattr(fastconv, "CPU_COMPILER_OPTIONS",
-                        {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_NO_SUCH"})
-    fastconv._options_known.cache_clear()
-    try:
-        assert fastconv.compiler_options() == {}
-        assert fastconv.jit(lambda x: x * 2)(jnp.float32(3)) == 6
-    finally:
-        fastconv._options_known.cache_clear()
-
-
 def bn_loss_and_grads(impl, x, dtype=None, use_stats=False):
     """Train-mode BatchNorm of `x` under `impl`: its output, updated statistics and the gradients
     (input, scale, bias) of a loss of the output (and of the new statistics, `use_stats`)."""
@@ -417,7 +363,7 @@ def test_batch_norm_takes_its_own_path_only_in_training_on_the_cpu():
     for train in (True, False):  # a method interceptor (cnnjax.profile) sees one BatchNorm
         model = layers.batch_norm(train, None, jnp.float32)()
         variables, seen = model.init(jax.random.key(0), x), []
-        def record(f, args, kwargs, context):
+        def record(f, args, kwargs, context, seen=seen):
             seen.append(context.method_name)
             return f(*args, **kwargs)
         with nn.intercept_methods(record):

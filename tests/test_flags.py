@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cnnjax import parallel, summary, train
+from cnnjax.training import config as training_config
 from experiments import benchmark, configs
 from experiments import train as train_cli
 
@@ -327,4 +328,21 @@ def test_good_values_pass(place):
 
 def test_every_train_config_field_has_a_rule():
     fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
-    assert fields - set(train._RULES) == {"data_dir", "workdir"}  # check_directory's
+    assert fields - set(training_config._RULES) == {"data_dir", "workdir"}  # check_directory's
+
+
+def test_a_config_is_validated_once_until_it_changes(monkeypatch, tmp_path):
+    """The command line, train_and_evaluate and build each ask; only a change checks again."""
+    from cnnjax import flags
+    calls, check = [], flags.check
+    monkeypatch.setattr(flags, "check", lambda *a: calls.append(a) or check(*a))
+    config = train.TrainConfig(workdir=str(tmp_path / "work"))
+    config.validate()
+    config.validate()
+    assert len(calls) == 1
+    config.seed = 3
+    config.validate()
+    assert len(calls) == 2
+    config.batch_size = 0
+    with pytest.raises(ValueError, match="--batch_size=0"):
+        config.validate()

@@ -12,20 +12,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import finish, start
 
 import cnnjax
-from cnnjax import checkpoint, nas
+from cnnjax import checkpoint, nas, runtime
 from cnnjax import summary as summary_cli
+from cnnjax.models.nasspec import Layer, Space, Spec, SpecError
+from cnnjax.nas import children, reinforce, search, shared
 from cnnjax.nas import controller as ctl
-from cnnjax.nas import reinforce, search, shared
-from cnnjax.nas.space import Layer, Space, Spec, SpecError
 from cnnjax.train import load_checkpoint
 from experiments import nas as nas_cli
 from experiments import train as train_cli
-from helpers import finish, start
 
 # Compiling dominates these tiny programs: XLA's CPU backend without its LLVM optimisations.
-fast_jit = lambda fun: search.jit_on(jax.devices()[0], fun)  # noqa: E731
+fast_jit = lambda fun: runtime.jit_on(jax.devices()[0], fun)  # noqa: E731
 
 SMALL = Space(num_layers=3, filters=(8, 16, 32), kernel_heights=(1, 3, 5),
               kernel_widths=(1, 3, 5), strides=(1, 2), input_size=8)
@@ -72,7 +72,7 @@ def test_sampled_specs_build_run_backward_and_count_exactly(sampled_specs):
         assert model.arch == spec.name and model.in_channels == 1
         x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
 
-        def forward_backward(x):
+        def forward_backward(x, model=model):
             variables = model.init(jax.random.key(1), x, train=False)
 
             def loss(params):
@@ -314,7 +314,11 @@ def test_search_writes_its_records_and_pictures(search_run):
         assert (r["params"], r["macs"]) == nas.cost(spec, 8, 1, 10) and r["name"] == spec.name
     best = max(rows, key=lambda r: r["reward"])
     assert json.loads((w / "best_spec.json").read_text()) == best["spec"]
-    assert len((w / "controller.jsonl").read_text().splitlines()) == 2
+    steps = [json.loads(l) for l in (w / "controller.jsonl").read_text().splitlines()]
+    assert [s["controller_step"] for s in steps] == [0, 1]
+    for s in steps:  # the mean of the step's rewards in float64, not the controller's float32
+        assert s["mean_reward"] == float(np.mean([r["reward"] for r in rows
+                                                  if r["controller_step"] == s["controller_step"]]))
     assert checkpoint.saved_steps(w) == [1, 2]
     from test_plots import assert_picture
     assert_picture(w / "search_curves.png")
@@ -330,11 +334,11 @@ def test_a_killed_search_resumes_to_the_same_children(search_run):
 
 
 def test_children_go_round_the_processes_then_round_each_ones_devices():
-    assert search.placement(4, 1, 0, 1) == [(0, 0), (1, 0), (2, 0), (3, 0)]
-    assert search.placement(4, 1, 0, 8) == [(0, 0), (1, 1), (2, 2), (3, 3)]
-    assert search.placement(5, 2, 0, 2) == [(0, 0), (2, 1), (4, 0)]
-    assert search.placement(5, 2, 1, 2) == [(1, 0), (3, 1)]
-    assert search.placement(1, 2, 1, 4) == []  # fewer children than processes: this one waits
+    assert children.placement(4, 1, 0, 1) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert children.placement(4, 1, 0, 8) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert children.placement(5, 2, 0, 2) == [(0, 0), (2, 1), (4, 0)]
+    assert children.placement(5, 2, 1, 2) == [(1, 0), (3, 1)]
+    assert children.placement(1, 2, 1, 4) == []  # fewer children than processes: this one waits
 
 
 @pytest.mark.slow
@@ -371,7 +375,7 @@ def test_a_search_spread_over_devices_or_processes_writes_what_one_device_writes
 
 
 def test_the_children_use_the_validation_split_not_the_test_split(data_dir):
-    split = search.holdout("digits", data_dir, 8, 0.2)
+    split = children.holdout("digits", data_dir, 8, 0.2)
     assert len(split.train_y) + len(split.val_y) == 1437  # the training split only
     assert abs(len(split.val_y) - 0.2 * 1437) < 10
     assert set(np.bincount(split.val_y)) <= {28, 29, 30}  # stratified
@@ -467,17 +471,17 @@ def test_hand_designed_models_are_trained_once_and_counted_by_profile(data_dir, 
     """Their training is the children's (ChildTrainer, exercised above); a stub stands in for
     it here, as compiling mobilenet_v2 alone takes 15-30 s."""
     calls = []
-    monkeypatch.setattr(search.ChildTrainer, "__call__",
+    monkeypatch.setattr(children.ChildTrainer, "__call__",
                         lambda self, models, seeds: calls.append(models[0].arch) or [0.5])
     cfg = search.SearchConfig(workdir=str(tmp_path), data_dir=data_dir,
                               hand_designed="mobilenet_v2,shufflenet_v2_x0_5")
-    split = search.holdout("digits", data_dir, 8, 0.2)
-    rows = search.hand_designed(cfg, split, 8, tmp_path, lambda text: None)
+    split = children.holdout("digits", data_dir, 8, 0.2)
+    rows = children.hand_designed(cfg, split, 8, tmp_path, lambda text: None)
     prof = cnnjax.profile("mobilenet_v2", 8, num_classes=10, in_channels=1)
     assert rows[0] == {"arch": "mobilenet_v2", "accuracy": 0.5, "params": prof.params,
                        "macs": prof.macs, "steps": cfg.child_steps}
     assert [r["arch"] for r in rows] == calls == ["mobilenet_v2", "shufflenet_v2_x0_5"]
-    assert search.hand_designed(cfg, split, 8, tmp_path, lambda text: None) == rows
+    assert children.hand_designed(cfg, split, 8, tmp_path, lambda text: None) == rows
     assert len(calls) == 2  # read back from hand_designed.jsonl, not trained again
 
 
@@ -588,7 +592,8 @@ def test_uniform_children_take_every_choice_equally_often():
     nas.decode(space, d[0])
 
 
-SHARED_TINY = dict(mode="shared_weights", hand_designed="", space={"num_layers": 3, "filters": [4, 8]},
+SHARED_TINY = dict(mode="shared_weights", hand_designed="",
+                   space={"num_layers": 3, "filters": [4, 8]},
                    controller_steps=2, children_per_step=3, shared_steps=5, child_batch_size=16,
                    child_learning_rate=1.6)  # 0.1 at this batch size
 

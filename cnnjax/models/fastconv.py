@@ -32,12 +32,13 @@ float32 summation order differs) by one of these paths, chosen per shape:
 
 - full convolutions (the "xla" path) compiled with XLA's own CPU convolution kernels rather
   than YNNPACK's, which jaxlib 0.10 uses by default and which are slower here at most shapes:
-  `compiler_options()`, passed to `jax.jit` of a model's step (`fastconv.jit` does it).
+  `cnnjax.runtime.compiler_options()`, passed to `jax.jit` of a model's step
+  (`cnnjax.runtime.jit` does it).
 
 `choose` holds the rule and says why (`choose_pool` for pooling, `choose_batch_norm` for
-BatchNorm, `compiler_options` for the kernels); `set_impl("xla")` (or the environment variable
-CNNJAX_CONV=xla) turns every fast path off for comparison; the choice is made when a model is
-traced and jitted, so it applies to functions jitted after the call.
+BatchNorm, `cnnjax.runtime.compiler_options` for the kernels); `set_impl("xla")` (or the
+environment variable CNNJAX_CONV=xla) turns every fast path off for comparison; the choice is
+made when a model is traced and jitted, so it applies to functions jitted after the call.
 """
 from __future__ import annotations
 
@@ -130,47 +131,6 @@ def choose(x_shape: Sequence[int], k_shape: Sequence[int], strides: Sequence[int
 # larger maps stay with XLA. `python -m experiments.benchmark --arch=NAME --convs` times each
 # convolution of a model through its path.
 SMALL_MAP = 4
-
-
-# jaxlib 0.10's XLA:CPU hands every float32 2-D convolution in NHWC/HWIO form to YNNPACK
-# (its default list of library fusions: individual dots, individual convolutions, reductions).
-# Its convolutions were slower than XLA's own (Eigen) ones on the project's 2-core EPYC: batch
-# 8, one jitted convolution, YNNPACK / Eigen ms, forward, input gradient, kernel gradient:
-# 3x3 56x56x64 18.6 / 10.7, 18.3 / 10.9, 22.4 / 13.2; 28x28x128 9.9 / 9.1, 9.6 / 9.4,
-# 11.3 / 10.2; 14x14x256 13.8 / 9.0, 9.8 / 9.6, 9.9 / 10.2; 7x7x512 11.4 / 10.5, 15.2 / 13.2,
-# 10.1 / 9.5; ResNet's 7x7 stem 20.8 / 15.3 (forward), 32.2 / 18.1 (kernel gradient). Whole
-# train steps (python -m experiments.benchmark --arch=NAME): VGG-16 7.3 -> 5.0 s, DenseNet-121
-# 2.01 -> 1.79, ResNet-18 0.76 -> 0.68, MobileNet v2 0.76 -> 0.67; ResNet-50 and ShuffleNet v2
-# unchanged. Dots and reductions stay with YNNPACK (without them ResNet-50's step took 3.2 s
-# instead of 2.1: its BatchNorm gradients' reductions).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
-                        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
-
-
-def compiler_options() -> dict[str, Any]:
-    """XLA options for `jax.jit` of a model's step: on the CPU under "auto", full convolutions
-    by XLA's own kernels instead of YNNPACK's (see CPU_COMPILER_OPTIONS); otherwise none, as
-    with a jaxlib that does not know the option."""
-    if get_impl() == "xla" or jax.default_backend() != "cpu" or not _options_known():
-        return {}
-    return dict(CPU_COMPILER_OPTIONS)
-
-
-@functools.lru_cache(maxsize=None)
-def _options_known() -> bool:
-    """Whether this jaxlib's CPU compiler accepts CPU_COMPILER_OPTIONS (its option and values)."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS).lower(
-            jnp.zeros((), jnp.float32)).compile()
-    except Exception:  # noqa: BLE001 - XLA reports an unknown option as a runtime error
-        return False
-    return True
-
-
-def jit(fun, **kwargs):
-    """`jax.jit(fun, **kwargs)` with `compiler_options()` added (the caller's options win)."""
-    options = {**compiler_options(), **(kwargs.pop("compiler_options", None) or {})}
-    return jax.jit(fun, compiler_options=options or None, **kwargs)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,

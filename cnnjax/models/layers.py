@@ -65,7 +65,8 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
 
 
 def _pool_padding(size: int, k: int, s: int, p: int, ceil_mode: bool) -> tuple[int, int]:
-    """PyTorch's pooling arithmetic: extra right padding in ceil mode, windows start in the input."""
+    """PyTorch's pooling arithmetic: extra right padding in ceil mode, windows start in the
+    input."""
     if not ceil_mode:
         return (p, p)
     out = -(-(size + 2 * p - k) // s) + 1

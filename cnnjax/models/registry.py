@@ -1,4 +1,4 @@
-"""The model registry: `register`, `create_model`, `list_models` (lowercase names, no duplicates)."""
+"""The model registry: `register`, `create_model`, `list_models` (lowercase, unique names)."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +20,7 @@ class ModelSpec:
     """What the registry knows about one name: how to build it and where its numbers come from."""
     name: str
     builder: Callable[..., nn.Module]
-    input_size: int = 224         # the size its reference numbers are quoted at (227 for alexnet_v1)
+    input_size: int = 224         # the size its reference numbers are quoted at (alexnet_v1: 227)
     reference: str | None = None  # torchvision's name for the same architecture, if it has one
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cnnjax.nas.space import KINDS, Space
+from cnnjax.models.nasspec import KINDS, Space
 
 _MASKED = -1e9  # logit of a choice a sample may not take
 

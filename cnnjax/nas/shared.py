@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from cnnjax import train
+from cnnjax import runtime, train
 from cnnjax.models import layers
+from cnnjax.models.nasspec import Space, decode, uniform_decisions
 from cnnjax.nas import controller as ctl
-from cnnjax.nas.space import Space, decode, uniform_decisions
 
 
 def positions(space: Space) -> dict[tuple, int]:
@@ -181,13 +181,12 @@ class SharedWeights:
 def _programs(space: Space, num_classes: int, channels: int, learning_rate: float) -> tuple:
     """(supergraph, its optimizer, jitted train step, jitted score), compiled once a process
     (a resumed or repeated search in the same process compiles nothing again)."""
-    from cnnjax.nas.search import jit_on
     model = SuperNet(space, num_classes, channels)
     tx = optax.chain(optax.add_decayed_weights(5e-4, train.decay_mask),
                      optax.sgd(learning_rate, momentum=0.9, nesterov=True))
     device = jax.local_devices()[0]
-    return (model, tx, jit_on(device, make_shared_step(model, tx), False),  # runs often
-            jit_on(device, make_score(model, model.clone(bn_momentum=0.0)), False))
+    return (model, tx, runtime.jit_on(device, make_shared_step(model, tx), False),  # runs often
+            runtime.jit_on(device, make_score(model, model.clone(bn_momentum=0.0)), False))
 
 
 def make_shared_step(model: SuperNet, tx: optax.GradientTransformation):

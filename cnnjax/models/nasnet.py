@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from cnnjax.models import layers
-from cnnjax.nas.space import Spec, SpecError, load_spec, parse_spec
+from cnnjax.models.nasspec import Spec, SpecError, load_spec, parse_spec
 
 
 def concat_padded(xs: Sequence[jax.Array]) -> jax.Array:

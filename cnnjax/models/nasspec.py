@@ -1,5 +1,9 @@
 """The search space as data: what a controller chooses, and a child network as a JSON spec.
 
+It lives with the models because a searched network is a model like any other: the trainer,
+`cnnjax.summary` and `cnnjax.profile` build one from its spec here (`nasnet.build`) without
+importing the search (`cnnjax.nas`), which sits above the trainer.
+
 Zoph & Le 2017 (Sec. 3.1 and 3.3): a child is a stack of conv layers, each with its number of
 filters, kernel height and width and stride, and skip connections from earlier layers chosen at
 "anchor points"; inputs of different sizes are zero-padded to the largest and concatenated. Here
