@@ -8,7 +8,7 @@ project's 2-core EPYC. glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and 
 malloc advise transparent huge pages on those mappings: 2 MiB pages, some 3,400 faults a step,
 and the step takes 2.27 s instead of 2.84 (ResNet-50's 0.75 s instead of 1.18). PyTorch's
 eager step faults far less and gains on some models, loses on others, so the benchmark times it
-both ways (experiments/benchmark.py, `torch_environments`).
+both ways (benchmarks/sweeps.py, `torch_environments`).
 
 glibc reads its tunables once, when a process starts, so a running process cannot turn this
 on for itself: `reexec_with_huge_pages()` starts the same command again, in the same process
