@@ -5,7 +5,7 @@ prepared as a tfds dataset on first use, offline, upscaled to the arch's smalles
 SGD with Nesterov momentum, 2 warmup epochs then cosine, for 10 epochs (220 steps of 64): 2 to
 6 minutes on a 2-core CPU for the small networks (alexnet 2.1, resnet18 2.6-2.8, mobilenet_v2
 3.1-3.4, zfnet 5.9), about 15 for VGG-16 (16 img/s). What each architecture reaches, per seed,
-is the README's zoo table (`python -m experiments.zoo`).
+is the zoo table in docs/training.md (`python -m experiments.zoo`).
 
 Why these numbers (measured with `python -m experiments.train --arch=resnet18`, seed 0, on a
 2-core Xeon, unless a row says otherwise; the 63.6% run was on an AMD EPYC):
