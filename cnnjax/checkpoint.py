@@ -54,7 +54,8 @@ class WorkdirLock:
             except (ValueError, KeyError, TypeError):
                 holder = holder or "a run that has just started"
             raise WorkdirBusy(f"--workdir={workdir} is in use by another run ({holder}): wait "
-                              "for it to end or use another --workdir; nothing was changed")
+                              "for it to end or use another --workdir; nothing was "
+                              "changed") from None
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({
             "pid": os.getpid(), "host": socket.gethostname(),

@@ -60,7 +60,8 @@ class Family:
     head: str = "fc"                               # the cnnjax classifier layer
     unit: str | None = None                        # regex whose group 1 names the repeated unit
     flatten: Mapping[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
-    optional: str | None = None                    # torchvision keys dropped if the model lacks them
+    optional: str | None = None                    # torchvision keys dropped where the model
+                                                   # lacks them
     aliases: tuple[tuple[str, str], ...] = ()      # older torchvision spellings -> current ones
     mean: tuple[float, ...] = IMAGENET_MEAN        # what torchvision's published weights expect
     std: tuple[float, ...] = IMAGENET_STD
@@ -178,6 +179,7 @@ def family(arch: str) -> Family:
 def _abstract_variables(arch: str, num_classes: int, overrides: Mapping[str, Any]) -> dict:
     import jax
     import jax.numpy as jnp
+
     from cnnjax.models import create_model, model_spec
     model = create_model(arch, num_classes=num_classes, **overrides)
     size = model_spec(arch).input_size
@@ -210,12 +212,11 @@ def _module_names(fam: Family, layers: Mapping[str, Any]) -> dict[str, str]:
     batch_norm = int(any(("params", "scale") in leaves for leaves in layers.values()))
     names = {}
     for layer in layers:
-        for pattern, template in fam.rules:
-            match = re.fullmatch(pattern, layer)
-            if match:
-                break
-        else:
+        found = next(((template, m) for pattern, template in fam.rules
+                      if (m := re.fullmatch(pattern, layer))), None)
+        if found is None:
             raise ConversionError(f"no torchvision name is known for the cnnjax layer {layer!r}")
+        template, match = found
         env = {k: int(v) if v.isdigit() else v for k, v in match.groupdict().items()}
         unit = re.match(fam.unit, layer) if fam.unit else None
         if unit:
@@ -479,6 +480,7 @@ def load_pretrained(path: str | os.PathLike, **overrides: Any):
     `model.apply(variables, x, train=False)`, with `meta["preprocess"]` saying how to make x."""
     import jax
     import orbax.checkpoint as ocp
+
     from cnnjax.models import create_model
     meta = read_meta(path)
     arch, num_classes = meta["arch"], meta["num_classes"]

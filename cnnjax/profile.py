@@ -142,8 +142,8 @@ def _layer(path, module, x, y, params: Any, macs: int) -> Layer:
         if groups > 1:
             kind = "dwconv" if groups == x.shape[-1] else "gconv"
     elif hasattr(module, "window"):
-        kernel = tuple(module.window) if not isinstance(module.window, int) else (module.window,) * 2
-        stride = tuple(module.stride) if not isinstance(module.stride, int) else (module.stride,) * 2
+        pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)
+        kernel, stride = pair(module.window), pair(module.stride)
         padding = ((module.padding, module.padding),) * 2
     return Layer("/".join(path), kind, tuple(x.shape), tuple(y.shape), kernel, stride, padding,
                  groups, _size(params), macs, math.prod(y.shape) * jnp.dtype(y.dtype).itemsize)

@@ -1,7 +1,9 @@
 """Training curves of one or more runs, side by side: loss and test top-1 against the step.
 
-    python -m experiments.curves runs/vgg16-digits runs/vgg16-digits-from-vgg11-digits --out=deepening.png
-    python -m experiments.curves runs/zoo/resnet18-s0 runs/zoo/resnet18-s1 --labels=s0,s1 --out=seeds.png
+    python -m experiments.curves runs/vgg16-digits runs/vgg16-digits-from-vgg11-digits \
+        --out=deepening.png
+    python -m experiments.curves runs/zoo/resnet18-s0 runs/zoo/resnet18-s1 --labels=s0,s1 \
+        --out=seeds.png
 
 Each RUN is the --workdir of `python -m experiments.train` (its metrics.jsonl); the figure is
 `cnnjax.plots.training_curves`. The last test top-1 of each run is printed.

@@ -2,7 +2,8 @@
 
     python -m experiments.train --arch=densenet121            # embedded digits, offline
     python -m experiments.train --config=cifar10_resnet18 --batch_size=512
-    python -m experiments.train --arch=resnet50 --dataset=imagenet2012 --data_dir=... --batch_size=1024
+    python -m experiments.train --arch=resnet50 --dataset=imagenet2012 --data_dir=... \
+        --batch_size=1024
     python -m experiments.train --arch=vgg16 --init_from=runs/vgg11-digits   # VGG's deepening
     python -m experiments.train --arch_spec=runs/nas/best_spec.json   # a searched network
 
@@ -39,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         kind = hints[f.name]
         if f.name == "model_overrides":
             p.add_argument("--model_overrides", type=flags.json_object, default=None,
-                           help='JSON of create_model options, e.g. \'{"zero_init_residual": true}\'')
+                           help="JSON of create_model options, e.g. "
+                                '\'{"zero_init_residual": true}\'')
             continue
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
         p.add_argument(f"--{f.name}", type=base, default=None, help=f"default: {f.default!r}")

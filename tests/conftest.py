@@ -2,10 +2,16 @@
 import csv
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 os.environ.setdefault("KERAS_HOME", "/tmp/cnnjax-test-keras")  # importing TF writes keras.json
+# JAX's persistent compilation cache (programs that took over a second to compile), for these
+# tests and the CLIs they start in subprocesses: many compile the same train steps. Set before
+# JAX is imported; .ci/run points it into CI's scratch directory.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "cnnjax-test-jax-cache"))
 
 REFERENCE = pathlib.Path(__file__).parent / "reference"
 

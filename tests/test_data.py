@@ -110,7 +110,7 @@ def test_two_processes_prepare_the_same_dir(tmp_path):
                               stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     go.touch()
     results = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, results):
+    for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
     assert results[0][0] == results[1][0] and results[0][0].startswith("1437 360 ")
     leftovers = [n for n in os.listdir(tmp_path / "dd" / "cnnjax_digits") if n != "1.0.0"]

@@ -197,7 +197,8 @@ def test_the_command_prints_the_table_and_writes_json(runs, evaluated, tmp_path)
 
 @pytest.mark.parametrize("argv, message", [
     (["--workdirs={run},{missing}"], "{missing}' does not exist"),
-    (["--workdirs={run},{empty}"], "member '{empty}' holds no checkpoint (no {empty}/checkpoints/STEP)"),
+    (["--workdirs={run},{empty}"],
+     "member '{empty}' holds no checkpoint (no {empty}/checkpoints/STEP)"),
     (["--workdirs={run}", "--combine=max"], "argument --combine: invalid choice: 'max'"),
     (["--workdirs={run},"], "none empty"),
     (["--workdirs={run}", "--batch_size=0"], "--batch_size=0 must be a positive integer"),

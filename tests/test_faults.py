@@ -20,6 +20,7 @@ import pytest
 from flax import serialization
 
 from cnnjax import checkpoint, data, parallel, train
+
 from helpers import SAME_THREADS, cli, env, finish, read_metrics, start
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -14,6 +14,7 @@ import pytest
 
 import cnnjax
 from cnnjax.models import feature_info, strip_head
+
 from helpers import SIBLINGS
 
 # Every model but the variants whose modules a sibling's repeat (their backbone code is the

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import read_csv
 
 import cnnjax
 from cnnjax.models import googlenet
 from cnnjax.models.densenet import DenseNet
-from conftest import read_csv
+
 from helpers import assert_tree_close, residual_bytes, train_step_outputs
 
 TORCHVISION = {r["model"]: r for r in read_csv("torchvision_reference.csv")}
@@ -258,7 +259,8 @@ def test_densenet121_memory_efficient_keeps_less_for_the_backward_pass():
     variables too are only shapes): nothing compiles."""
     (plain, x), (efficient, _) = densenet121_at_64(False), densenet121_at_64(True)
     variables = jax.eval_shape(functools.partial(plain.init, train=False), jax.random.key(1), x)
-    res = {False: residual_bytes(plain, variables, x), True: residual_bytes(efficient, variables, x)}
+    res = {False: residual_bytes(plain, variables, x),
+           True: residual_bytes(efficient, variables, x)}
     print(f"\ndensenet121, batch 8, 64x64: residuals {res[False]:,} -> {res[True]:,} bytes")
     assert res[True] < 0.6 * res[False]
 

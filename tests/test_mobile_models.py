@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import read_csv
 
 import cnnjax
 from cnnjax.models import layers
-from conftest import read_csv
 
 DERIVED = {r["model"]: r for r in read_csv("derived_counts.csv")}
 M = 1e6

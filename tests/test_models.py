@@ -1,4 +1,5 @@
-"""Every registered model: shapes, finiteness, gradients, BatchNorm updates, dtypes, input checks."""
+"""Every registered model: shapes, finiteness, gradients, BatchNorm updates, dtypes, input
+checks."""
 import functools
 import importlib.util
 
@@ -11,6 +12,7 @@ import pytest
 import cnnjax
 from cnnjax import convert
 from cnnjax.models import fastconv
+
 from helpers import SIBLINGS, assert_tree_close, residual_bytes, train_step_outputs
 
 # Deeper variants of a family whose every module a lighter sibling already trains in
@@ -142,13 +144,16 @@ def test_min_input_size_is_exact(name):
 
 def test_alexnet_at_32_says_the_smallest_size():
     model = cnnjax.create_model("alexnet")
-    with pytest.raises(ValueError, match=r"alexnet needs an input of at least 63x63 pixels; got 32x32"):
+    with pytest.raises(ValueError,
+                       match=r"alexnet needs an input of at least 63x63 pixels; got 32x32"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
 @pytest.mark.parametrize("shape, message", [
-    ((224, 224, 3), r"expects a batch of images of shape \(N, H, W, 3\) \(NHWC\); got an array of shape \(224, 224, 3\)"),
-    ((1, 64, 64, 1), r"expects 3 input channels in the last axis \(NHWC\); got shape \(1, 64, 64, 1\)"),
+    ((224, 224, 3), r"expects a batch of images of shape \(N, H, W, 3\) \(NHWC\); got an array "
+                    r"of shape \(224, 224, 3\)"),
+    ((1, 64, 64, 1), r"expects 3 input channels in the last axis \(NHWC\); got shape "
+                     r"\(1, 64, 64, 1\)"),
     ((1, 3, 64, 64), r"looks channels-first \(NCHW\): transpose it to NHWC"),
 ])
 def test_wrong_rank_or_channels_is_a_clear_error(shape, message):

@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import finish, start
 
 import cnnjax
 from cnnjax import checkpoint, nas, runtime
@@ -23,6 +22,8 @@ from cnnjax.nas import controller as ctl
 from cnnjax.train import load_checkpoint
 from experiments import nas as nas_cli
 from experiments import train as train_cli
+
+from helpers import finish, start
 
 # Compiling dominates these tiny programs: XLA's CPU backend without its LLVM optimisations.
 fast_jit = lambda fun: runtime.jit_on(jax.devices()[0], fun)  # noqa: E731

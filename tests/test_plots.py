@@ -10,12 +10,12 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import read_csv
 from matplotlib.text import Text
 
 import cnnjax
 from cnnjax import plots, summary
 from cnnjax.models import model_spec
-from conftest import read_csv
 from experiments import complexity
 
 # Each kind of accuracy source: torchvision (alexnet, vgg11, resnet18, shufflenet_v2_x0_5),

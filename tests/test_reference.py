@@ -3,9 +3,9 @@ import math
 
 import flax.linen as nn
 import pytest
+from conftest import read_csv
 
 import cnnjax
-from conftest import read_csv
 
 TORCHVISION = {r["model"]: r for r in read_csv("torchvision_reference.csv")}
 DERIVED = {r["model"]: r for r in read_csv("derived_counts.csv")}

@@ -17,6 +17,7 @@ import pytest
 
 from cnnjax import checkpoint, data, parallel, train
 from experiments import train as train_cli
+
 import helpers
 from helpers import SAME_THREADS, cli, free_port, read_metrics
 
@@ -67,7 +68,8 @@ def test_simulated_cpu_devices_get_two_client_threads_each(devices, given, expec
     if given:
         e["PJRT_NPROC"] = given
     code = ("import os, pathlib, jax, cnnjax; jax.devices(); "
-            "names = [p.read_text().strip() for p in pathlib.Path('/proc/self/task').glob('*/comm')]; "
+            "names = [p.read_text().strip() "
+            "for p in pathlib.Path('/proc/self/task').glob('*/comm')]; "
             "print(os.environ.get('PJRT_NPROC'), names.count('tf_XLAEigen'))")
     out = subprocess.run([sys.executable, "-c", code], env=e, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
@@ -221,7 +223,8 @@ def test_the_readme_command_learns_the_digits(data_dir, tmp_path, seed):
 @pytest.mark.parametrize("args, message", [
     (["--arch=resnet5"], "unknown model 'resnet5'; did you mean resnet50"),
     (["--dataset=imagenet22k"], "imagenet22k"),
-    (["--arch=alexnet", "--image_size=32"], "--image_size=32 is too small for alexnet: it needs at least 63x63"),
+    (["--arch=alexnet", "--image_size=32"],
+     "--image_size=32 is too small for alexnet: it needs at least 63x63"),
     (["--optimizer=lamb"], "unknown optimizer 'lamb'"),
     (["--config=nope"], "unknown --config='nope'"),
 ])
@@ -311,7 +314,8 @@ def test_the_default_preset_has_per_family_rows_that_flags_still_override():
         c = make(f"--arch={arch}")
         assert (c.optimizer, c.learning_rate, c.weight_decay) == ("adamw", 2e-4, 0.05), arch
     assert make("--arch=googlenet").optimizer == "sgd"
-    assert make("--arch=shufflenet_v2_x1_0").num_epochs == 20 == make("--arch=shufflenet_v1_g3").num_epochs
+    assert make("--arch=shufflenet_v2_x1_0").num_epochs == 20
+    assert make("--arch=shufflenet_v1_g3").num_epochs == 20
     assert make("--arch=shufflenet_v1_g8").model_overrides == {"zero_init_residual": True}
     assert make("--arch=shufflenet_v2_x1_0").model_overrides == {}  # no added units to zero
     assert make("--arch=shufflenet_v2_x1_0", "--num_epochs=3").num_epochs == 3
@@ -473,6 +477,7 @@ def test_recalibrated_batch_norm_holds_exactly_the_batch_statistics(arch, overri
     """After recalibrating on one batch, eval mode normalises that batch exactly as train mode
     does, whatever the BN momentum: the running averages are replaced, not nudged."""
     import jax.numpy as jnp
+
     from cnnjax import create_model
     model = create_model(arch, num_classes=10, **overrides)
     # 64 px and 8 images keep >= 32 values per channel in the last BNs: with fewer, a channel's
