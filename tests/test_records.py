@@ -218,7 +218,9 @@ def test_resnet18_trains_on_fake_imagenet_with_the_real_cli(fake_imagenet, tmp_p
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resnet18 on imagenet2012 (48 train / 6 test, 64x64x3)" in out.stderr
-    assert re.search(r"step 12/12  loss \d+\.\d+  [\d,]+ img/s  data \d+%", out.stderr)
+    # the progress line in a log: one line per update (tqdm's count, rate and ETA, then ours)
+    assert re.search(r"\| 12/12 \[.*, loss \d+\.\d+, [\d,]+ img/s, data \d+%\]$", out.stderr,
+                     re.M), out.stderr[-2000:]
     logged = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     waits = [r["data_wait"] for r in logged if "data_wait" in r]
     assert len(waits) == 3 and all(0 <= w <= 1 for w in waits)
