@@ -72,7 +72,8 @@ def check_workdir(workdir: pathlib.Path, cfg: SearchConfig) -> None:
     path = workdir / "search_config.json"
     if path.exists():
         theirs = {**LEGACY_IDENTITY, **json.loads(path.read_text())}
-        rundir.refuse_other(workdir, "holds a different search", theirs, cfg.identity())
+        rundir.refuse_other(workdir, "search", "holds a different search", theirs,
+                            cfg.identity())
 
 
 def check_processes(mode: str, processes: int) -> None:

@@ -33,15 +33,16 @@ def check_workdir(workdir: pathlib.Path, config: TrainConfig) -> None:
     path = workdir / "config.json"
     if path.exists():
         theirs = TrainConfig(**json.loads(path.read_text())).identity()
-        refuse_other(workdir, "belongs to a different run", theirs, config.identity())
+        refuse_other(workdir, "run", "belongs to a different run", theirs,
+                     config.identity())
 
 
-def refuse_other(workdir: pathlib.Path, what: str, theirs: dict, mine: dict) -> None:
+def refuse_other(workdir: pathlib.Path, kind: str, what: str, theirs: dict,
+                 mine: dict) -> None:
     """checkpoint.CheckpointMismatch naming each setting where the identity saved in `workdir`
-    (`theirs`) differs from this run's (`mine`); nothing when they agree."""
+    (`theirs`) differs from this `kind`'s (`mine`: a run, a search); nothing when they agree."""
     diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
     if diff:
-        kind = what.split()[-1]  # run, search
         where = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in sorted(diff.items()))
         raise ckpt.CheckpointMismatch(
             f"{workdir} {what} ({where}). Use another --workdir, or repeat that {kind}'s "
