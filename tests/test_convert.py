@@ -21,6 +21,8 @@ import pytest
 from cnnjax import convert
 from cnnjax.models import create_model, list_models
 
+from helpers import jit_once
+
 try:
     import torch
     import torchvision
@@ -71,7 +73,7 @@ def torch_logits(model, x_nhwc: np.ndarray) -> np.ndarray:
 def cnnjax_logits(name: str, variables: dict, x_nhwc: np.ndarray, **kw) -> np.ndarray:
     model = create_model(name, num_classes=variables["params"][convert.family(name).head]
                          ["bias"].shape[0], **kw)
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    apply = jit_once(lambda v, x: model.apply(v, x, train=False))
     return np.asarray(apply(variables, jnp.asarray(x_nhwc)))
 
 

@@ -10,6 +10,8 @@ import pytest
 from cnnjax import data, ensemble, train
 from experiments import ensemble as ensemble_cli
 
+pytestmark = pytest.mark.xdist_group("ensemble")  # one worker trains the members once (`runs`)
+
 
 def softmax64(logits):
     z = np.asarray(logits, np.float64)

@@ -14,6 +14,8 @@ import cnnjax
 from cnnjax import runtime
 from cnnjax.models import fastconv, layers
 
+from helpers import jit_once
+
 DN = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
 
@@ -272,8 +274,8 @@ def test_a_model_is_the_same_function_with_the_same_parameters(name):
     model = cnnjax.create_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     with fastconv.impl("xla"):
-        variables = model.init(jax.random.key(1), x, train=False)
-    auto_vars = model.init(jax.random.key(1), x, train=False)
+        variables = jit_once(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
+    auto_vars = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, auto_vars) == jax.tree.map(jnp.shape, variables)
 
     def loss(params, x):  # eval mode: train-mode BatchNorm over 2x2 maps would amplify rounding
@@ -283,7 +285,7 @@ def test_a_model_is_the_same_function_with_the_same_parameters(name):
     results = {}
     for impl in ("xla", "auto"):
         with fastconv.impl(impl):
-            results[impl] = jax.jit(jax.grad(loss, has_aux=True))(variables["params"], x)
+            results[impl] = jit_once(jax.grad(loss, has_aux=True))(variables["params"], x)
             # a new function for each setting: make_jaxpr caches traces by function
             eqns = jax.make_jaxpr(lambda p, x: loss(p, x))(variables["params"], x).jaxpr.eqns
             assert ("reduce_window_max" in [e.primitive.name for e in eqns]) == (impl == "xla")

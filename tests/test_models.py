@@ -13,7 +13,7 @@ import cnnjax
 from cnnjax import convert
 from cnnjax.models import fastconv
 
-from helpers import SIBLINGS, assert_tree_close, residual_bytes, train_step_outputs
+from helpers import SIBLINGS, assert_tree_close, jit_once, residual_bytes, train_step_outputs
 
 # Deeper variants of a family whose every module a lighter sibling already trains in
 # test_forward_train_and_gradients (resnet152: resnet50's blocks; densenet201: densenet121's):
@@ -49,8 +49,8 @@ def test_deep_variants_run_forward_to_finite_logits(name):
     model = cnnjax.create_model(name, num_classes=10)
     size = small_size(model)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
-    logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+    variables = jit_once(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    logits = jit_once(functools.partial(model.apply, train=False))(variables, x)
     chex.assert_shape(logits, (2, 10))
     chex.assert_tree_all_finite(logits)
     assert not np.allclose(logits[0], logits[1])  # the input reaches the output
@@ -61,12 +61,12 @@ def test_forward_train_and_gradients(name):
     model = cnnjax.create_model(name, num_classes=10)
     size = small_size(model)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    variables = jit_once(functools.partial(model.init, train=False))(jax.random.key(1), x)
     w = jax.random.normal(jax.random.key(2), (2, 10))
 
     train_step = train_step_outputs(model, w)
 
-    @jax.jit
+    @jit_once
     def run(variables, x):
         return (model.apply(variables, x, train=False), *train_step(variables, x))
 
@@ -83,7 +83,7 @@ def test_forward_train_and_gradients(name):
         # must still reach the loss in eval mode, where BatchNorm is an affine map.
         def eval_loss(params):
             return jnp.sum(model.apply({**variables, "params": params}, x, train=False) * w)
-        eval_grads = jax.jit(jax.grad(eval_loss))(variables["params"])
+        eval_grads = jit_once(jax.grad(eval_loss))(variables["params"])
         flat = {jax.tree_util.keystr(p): g
                 for p, g in jax.tree_util.tree_leaves_with_path(eval_grads)}
         unreached = [p for p in zero if not p.endswith("['bn']['bias']")
@@ -221,9 +221,9 @@ def test_resnet_remat_is_the_same_function(block):
     init = [functools.partial(m.init, train=False) for m in (plain, remat)]
     chex.assert_trees_all_equal_shapes_and_dtypes(  # same paths: flax draws each by its path
         *(jax.eval_shape(f, jax.random.key(1), x) for f in init))
-    variables = jax.jit(init[0])(jax.random.key(1), x)
+    variables = jit_once(init[0])(jax.random.key(1), x)
     w = jax.random.normal(jax.random.key(2), (2, 10))
-    a, b = (jax.jit(train_step_outputs(m, w))(variables, x) for m in (plain, remat))
+    a, b = (jit_once(train_step_outputs(m, w))(variables, x) for m in (plain, remat))
     chex.assert_tree_all_finite(b)
     for part_a, part_b in zip(a, b):  # logits, BatchNorm updates, gradients
         assert_tree_close(part_a, part_b)
@@ -253,7 +253,7 @@ def test_resnet_remat_keeps_less_for_the_backward_pass(arch, ratio):
 
 def test_shufflenet_v1_zero_init_residual_starts_added_units_at_relu_x():
     from cnnjax.models import layers, shufflenet
-    init = lambda model: jax.jit(functools.partial(model.init, train=False))(
+    init = lambda model: jit_once(functools.partial(model.init, train=False))(
         jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
     params = init(cnnjax.create_model("shufflenet_v1_g3", zero_init_residual=True))
     scale = lambda block: np.asarray(params[block]["gconv2"]["bn"]["scale"])

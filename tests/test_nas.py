@@ -25,6 +25,8 @@ from experiments import train as train_cli
 
 from helpers import finish, start
 
+pytestmark = pytest.mark.xdist_group("nas")  # one worker runs the module's searches once
+
 # Compiling dominates these tiny programs: XLA's CPU backend without its LLVM optimisations.
 fast_jit = lambda fun: runtime.jit_on(jax.devices()[0], fun)  # noqa: E731
 
