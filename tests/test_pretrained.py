@@ -274,23 +274,32 @@ def test_a_local_mirror_directory_and_a_local_file_need_no_server(env, weights, 
 @needs_torch
 def test_two_processes_asking_at_once_leave_one_verified_file(weights, server, tmp_path):
     """Two `python -c` processes, a URL in torchvision's naming (its name carries the hash), a
-    slow server so the downloads overlap."""
+    slow server so the downloads overlap. The file is a .safetensors (the processes need no
+    torch), the same tensors as the .pth."""
+    from safetensors.numpy import save_file
+    path = tmp_path / "resnet18.safetensors"
+    save_file({k: np.ascontiguousarray(v.numpy())
+               for k, v in weights[0].state_dict().items()}, str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    file = f"resnet18-{digest[:8]}.safetensors"
+    server.files[f"/models/{file}"] = path.read_bytes()
     server.mode = "slow"
-    url = f"{server.url}/models/{weights[1]}"
-    code = f"import cnnjax; cnnjax.pretrained('resnet18', weights={url!r}); print('ok')"
+    code = ("import cnnjax; _, _, meta = cnnjax.pretrained('resnet18', "
+            f"weights={server.url + '/models/' + file!r}); print(meta['source']['sha256'])")
     env = {**os.environ, P.CACHE_ENV: str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     env.pop(P.MIRROR_ENV, None)
     runs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [r.communicate(timeout=300) for r in runs]
     assert [r.returncode for r in runs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
-    assert 1 <= server.count() <= 2
+    assert [out.strip() for out, _ in outs] == [digest, digest]
+    assert 1 <= server.count(file) <= 2
     cache = tmp_path / "cache"
     downloads = list((cache / "downloads").iterdir())
-    assert [p.name for p in downloads] == [weights[1]]
-    assert hashlib.sha256(downloads[0].read_bytes()).hexdigest() == weights[3]
+    assert [p.name for p in downloads] == [file]
+    assert hashlib.sha256(downloads[0].read_bytes()).hexdigest() == digest
     assert [p.name for p in (cache / "converted" / "resnet18").iterdir()] == [
-        weights[1].removesuffix(".pth")]
+        file.removesuffix(".safetensors")]
 
 
 def test_unknown_names_give_the_choices():
