@@ -186,8 +186,8 @@ def _mirrored(source: Source) -> Source:
         return dataclasses.replace(source, url=f"{mirror.rstrip('/')}/{source.file}")
     path = pathlib.Path(mirror) / source.file
     if not path.is_file():
-        raise DownloadError(f"{MIRROR_ENV}={mirror} holds no {source.file} (the mirror must hold "
-                            "torchvision's file names)")
+        raise DownloadError(f"{MIRROR_ENV}={mirror} holds no {source.file}: fetch "
+                            f"{source.url} elsewhere and put it there")
     return dataclasses.replace(source, url=None, path=str(path.absolute()))
 
 
@@ -203,9 +203,11 @@ def _verify(path: str | os.PathLike, expected: str, what: str) -> str:
 
 
 def _how_to_place(source: Source) -> str:
+    original = source.entry["url"] if source.entry else source.url
     target = cache_dir() / "downloads" / source.file
-    return (f"without internet, put {source.file} in a directory and set {MIRROR_ENV} to it "
-            f"(or to an http(s) mirror of torchvision's files), or place it at {target}")
+    return (f"without internet, fetch {original} elsewhere and put it in a directory named by "
+            f"{MIRROR_ENV} (or serve torchvision's files from an http(s) URL named there), or "
+            f"place it at {target}")
 
 
 def _reason(error: Exception) -> str:
