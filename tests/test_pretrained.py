@@ -312,6 +312,8 @@ def test_unknown_names_give_the_choices():
         P.pretrained("resnet18", weights="https://example.invalid/resnet18.pth")
     with pytest.raises(ValueError, match="neither a weights name nor a file"):
         P.pretrained("resnet18", weights="missing/resnet18-0123abcd.pth")
+    with pytest.raises(ValueError, match="num_classes"):  # before any download
+        P.pretrained("resnet18", num_classes=0)
     assert P.weights_entry("resnet50", "ResNet50_Weights.IMAGENET1K_V1")[0] == "IMAGENET1K_V1"
 
 
