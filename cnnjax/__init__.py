@@ -12,7 +12,7 @@ modules or packages import each other in a circle):
    registry, download, cache), transfer; the `cnnjax` package itself, which re-exports
    `pretrained`;
 5. training (cnnjax.training; cnnjax.train is its stable import path);
-6. what builds on training: nas, ensemble, predict;
+6. what builds on training: nas, ensemble, predict, evaluate;
 7. benchmarks and experiments.
 """
 from cnnjax import parallel as _parallel

@@ -45,6 +45,7 @@ MIRROR_ENV = "CNNJAX_WEIGHTS_MIRROR"
 # (connect, read) seconds: a host that is unreachable or never answers fails fast, not hangs.
 TIMEOUT = (5.0, 30.0)
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's rule: the hex after the last "-"
+_NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # torchvision's weight names: IMAGENET1K_V1, DEFAULT
 
 
 class DownloadError(OSError):
@@ -97,6 +98,26 @@ def weights_entry(arch: str, weights: str | None = None) -> tuple[str, dict[str,
             f"{', '.join(entry['weights'])} (DEFAULT: {entry['default']}), or pass a path or an "
             "http(s) URL of a .pth/.safetensors file")
     return name, entry["weights"][name]
+
+
+def by_file(arch: str, file: str) -> tuple[str | None, dict | None]:
+    """(name, registry entry) of `arch`'s published weights whose file is named `file`, or
+    (None, None)."""
+    for name, entry in registry()["architectures"].get(arch, {}).get("weights", {}).items():
+        if entry["url"].rsplit("/", 1)[-1] == file:
+            return name, entry
+    return None, None
+
+
+def named(value: Any) -> str | None:
+    """The weights name a command-line value gives, or None for a path: "pretrained" (torchvision's
+    DEFAULT), "pretrained:NAME", or an upper-case name (IMAGENET1K_V1, DEFAULT) that is not also
+    a file or directory here (the path wins)."""
+    if not isinstance(value, str):
+        return None
+    if value == "pretrained" or value.startswith("pretrained:"):
+        return value.partition(":")[2] or "DEFAULT"
+    return value if _NAME.fullmatch(value) and not os.path.exists(value) else None
 
 
 def preprocessing(arch: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -158,9 +179,7 @@ def resolve(arch: str, weights: str | None = None, sha256: str | None = None) ->
         if pathlib.Path(file).suffix not in convert.FORMATS:
             raise ValueError(f"weights={weights!r}: expected a .pth, .pt, .safetensors or .npz "
                              "file")
-        known = [(n, e) for n, e in _arch_entry(arch)["weights"].items()
-                 if e["url"].rsplit("/", 1)[-1] == file]
-        name, entry = known[0] if known else (None, None)
+        name, entry = by_file(arch, file)
         if re.match(r"https?://", weights):
             return Source(file, _expected(file, sha256), url=weights, name=name, entry=entry)
         if not os.path.isfile(weights):
@@ -329,6 +348,12 @@ def _preprocess(arch: str, source: Source) -> dict[str, Any]:
 
 
 # --- one line from Python ------------------------------------------------------------------------
+
+def directory(arch: str, weights: str | None = None) -> pathlib.Path:
+    """The converted cache directory of `arch`'s weights (what `--weights=DIR` and
+    `--init_from=DIR` read), downloading and converting them on the first call."""
+    return converted(arch, _mirrored(resolve(arch, weights)))
+
 
 def pretrained(arch: str, weights: str | None = None, *, sha256: str | None = None,
                num_classes: int | None = None, features_only: bool = False, seed: int = 0,

@@ -17,7 +17,8 @@ The layers, bottom first (cnnjax/__init__.py's docstring says the same):
    imports the package;
 4. training: cnnjax.training and its stable path cnnjax.train;
 5. what builds on training: nas (the search trains children with the trainer's steps),
-   ensemble, predict;
+   ensemble, predict, evaluate (measures weights and runs' checkpoints with the trainer's eval
+   step and predict's transform);
 6. tools: benchmarks and experiments (thin entry points, presets, notebooks' helpers).
 """
 from __future__ import annotations
@@ -37,7 +38,8 @@ LAYERS = [  # (name, module prefixes); a module takes the layer of its longest m
     ("inputs", ["cnnjax", "cnnjax.data", "cnnjax.convert", "cnnjax.pretrained",
                 "cnnjax.transfer"]),
     ("training", ["cnnjax.training", "cnnjax.train"]),
-    ("built on training", ["cnnjax.nas", "cnnjax.ensemble", "cnnjax.predict"]),
+    ("built on training", ["cnnjax.nas", "cnnjax.ensemble", "cnnjax.predict",
+                           "cnnjax.evaluate"]),
     ("tools", ["benchmarks", "experiments"]),
 ]
 
