@@ -1,5 +1,7 @@
 """Classify photos with converted weights, the way torchvision users expect.
 
+    python -m cnnjax.predict --arch=resnet50 dog.jpg cat.png     # torchvision's DEFAULT weights
+    python -m cnnjax.predict --arch=resnet50 --weights=IMAGENET1K_V1 dog.jpg
     python -m cnnjax.convert --arch=resnet50 --checkpoint=resnet50-11ad3fa6.pth --out=weights/r50
     python -m cnnjax.predict --weights=weights/r50 dog.jpg cat.png
 
@@ -303,38 +305,79 @@ def _checked_meta(weights: str) -> dict:
     return meta
 
 
+def published(arch: str | None, weights: str | None) -> str | None:
+    """The name of the published weights that --arch/--weights ask for (cnnjax.pretrained), or
+    None for a converted directory; ValueError for an unknown name or a missing --arch."""
+    from cnnjax.pretrained import named, weights_entry
+    name = "DEFAULT" if weights is None else named(weights)
+    if name is None:
+        return None
+    if arch is None:
+        raise ValueError("--weights=DIR (converted weights) or --arch=ARCH (torchvision's "
+                         "published weights) is required" if weights is None else
+                         f"--weights={flags.show(weights)} names published weights: add "
+                         "--arch=ARCH (or give a directory written by python -m cnnjax.convert)")
+    return weights_entry(arch, name)[0]
+
+
+def load_weights(arch: str | None, weights: str | None):
+    """(model, variables, meta) of --arch/--weights: published weights through
+    cnnjax.pretrained (downloaded and converted on first use), or a converted directory.
+    ValueError or pretrained.DownloadError, each one line, when that fails."""
+    from cnnjax import convert
+    from cnnjax.pretrained import pretrained
+    name = published(arch, weights)
+    if name is not None:
+        return pretrained(arch, name)
+    try:
+        return convert.load_pretrained(weights)
+    except Exception as e:  # noqa: BLE001 -- orbax reports a damaged checkpoint many ways
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"--weights={flags.show(weights)}: its variables could not be "
+                         f"restored ({type(e).__name__}: {reason})") from None
+
+
+def weights_meta(arch: str | None, weights: str | None) -> dict:
+    """What the weights promise before they are loaded (no download): arch, class count and
+    preprocessing, from the registry or the directory's pretrained.json."""
+    name = published(arch, weights)
+    if name is None:
+        meta = _checked_meta(weights)
+        if arch is not None and arch != meta["arch"]:
+            raise ValueError(f"--arch={flags.show(arch)} does not match --weights="
+                             f"{flags.show(weights)}, which holds {meta['arch']!r} weights")
+        return meta
+    from cnnjax.pretrained import preprocessing, weights_entry
+    return {"arch": arch, "num_classes": NUM_IMAGENET_CLASSES,
+            "preprocess": preprocessing(arch, weights_entry(arch, name)[1])}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = flags.ArgumentParser(
         prog="python -m cnnjax.predict",
-        description="Prints the top classes of each image under converted weights.")
-    parser.add_argument("--weights", required=True,
-                        help="a directory written by python -m cnnjax.convert")
+        description="Prints the top classes of each image under published or converted weights.")
     parser.add_argument("--arch", default=None,
-                        help="optional check: the architecture the weights must be")
+                        help="alone: torchvision's published DEFAULT weights for it (downloaded "
+                             "once into the cache); with --weights=DIR: a check")
+    parser.add_argument("--weights", default=None,
+                        help="a directory written by python -m cnnjax.convert, or with --arch "
+                             "a published weights name (IMAGENET1K_V1, pretrained:NAME)")
     parser.add_argument("--top_k", type=int, default=5, help="classes printed per image")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any PIL format)")
     args = parser.parse_args(argv)
+    from cnnjax.pretrained import DownloadError
     try:
         flags.POSITIVE_INT.check("top_k", args.top_k)
-        meta = _checked_meta(args.weights)
-        if args.arch is not None and args.arch != meta["arch"]:
-            raise ValueError(f"--arch={flags.show(args.arch)} does not match --weights="
-                             f"{flags.show(args.weights)}, which holds {meta['arch']!r} weights")
+        meta = weights_meta(args.arch, args.weights)
         if args.top_k > meta["num_classes"]:
             raise ValueError(f"--top_k={args.top_k} must be at most the model's "
                              f"{meta['num_classes']} classes")
         settings = _settings(meta)
-        # Every image is read before any JAX work, so a bad one fails fast.
+        # Every image is read before any download or JAX work, so a bad one fails fast.
         batch = np.stack([preprocess(path, **settings) for path in args.images])
-    except ValueError as e:
+        model, variables, meta = load_weights(args.arch, args.weights)
+    except (ValueError, DownloadError) as e:
         return flags.fail(str(e).replace("\n", " "))
-    from cnnjax import convert
-    try:
-        model, variables, meta = convert.load_pretrained(args.weights)
-    except Exception as e:  # noqa: BLE001 -- orbax reports a damaged checkpoint many ways
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        return flags.fail(f"--weights={flags.show(args.weights)}: its variables could not be "
-                          f"restored ({type(e).__name__}: {reason})")
     results = predict(model, variables, batch, top_k=args.top_k, meta=meta)
     for path, top in zip(args.images, results):
         print(path)

@@ -22,6 +22,7 @@ from cnnjax.training.steps import (
                                     init_state,
                                     keep_if,
                                     learning_rate_schedule,
+                                    make_eval_step,
                                     make_init,
                                     make_optimizer,
                                     make_steps,
@@ -30,5 +31,6 @@ from cnnjax.training.steps import (
 __all__ = ["BEST", "BlowUpMonitor", "Parts", "TooManyBadSteps", "TrainConfig", "TrainState",
            "all_finite", "build", "check_image_size", "cross_entropy", "decay_mask",
            "default_workdir", "evaluate", "init_state", "keep_if", "learning_rate_schedule",
-           "load_checkpoint", "make_init", "make_moments_step", "make_optimizer", "make_steps",
-           "min_image_size", "recalibrate_batch_norm", "train_and_evaluate"]
+           "load_checkpoint", "make_eval_step", "make_init", "make_moments_step",
+           "make_optimizer", "make_steps", "min_image_size", "recalibrate_batch_norm",
+           "train_and_evaluate"]

@@ -5,6 +5,7 @@
     python -m experiments.train --arch=resnet50 --dataset=imagenet2012 --data_dir=... \
         --batch_size=1024
     python -m experiments.train --arch=vgg16 --init_from=runs/vgg11-digits   # VGG's deepening
+    python -m experiments.train --arch=resnet50 --init_from=pretrained   # torchvision's weights
     python -m experiments.train --arch_spec=runs/nas/best_spec.json   # a searched network
 
 Multi-process off a pod: add --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
@@ -68,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # argparse's errors: one line, exit status 2
     from cnnjax import parallel
     from cnnjax.checkpoint import CheckpointError
+    from cnnjax.pretrained import DownloadError
     from cnnjax.train import TooManyBadSteps, train_and_evaluate
     try:
         config = make_config(args)
         config.validate()  # every flag, before any JAX call, data preparation or write
         parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)
         train_and_evaluate(config, verbose=not args.quiet)  # SIGTERM: saves, then returns
-    except ValueError as e:  # bad input, a workdir in use: one clear line, no traceback
-        return flags.fail(e)
+    except (ValueError, DownloadError) as e:  # bad input, a workdir in use, weights out of
+        return flags.fail(e)                    # reach: one clear line, no traceback
     except (TooManyBadSteps, CheckpointError) as e:
         return flags.fail(e, status=1)
     except parallel.LostPeer as e:

@@ -134,7 +134,8 @@ def test_the_docs_have_commands_for_every_entry_point():
     modules = {c.module for c in COMMANDS}
     assert {"experiments.train", "experiments.nas", "experiments.benchmark",
             "experiments.complexity", "experiments.curves", "experiments.ensemble",
-            "experiments.zoo", "cnnjax.summary", "cnnjax.convert", "cnnjax.predict"} <= modules
+            "experiments.zoo", "cnnjax.summary", "cnnjax.convert", "cnnjax.predict",
+            "experiments.validate"} <= modules
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=[f"{c.where} {c.module}" for c in COMMANDS])

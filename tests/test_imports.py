@@ -7,14 +7,18 @@ The layers, bottom first (cnnjax/__init__.py's docstring says the same):
 1. models: the networks and their ops (fastconv), the NAS spec language and network
    (models/nasspec.py, nasnet.py), and what reads a model alone: profile, summary, plots;
 2. runtime: how programs compile and where they run (runtime, parallel) and the orbax wrapper
-   (checkpoint); the `cnnjax` package itself (it re-exports models and starts parallel's
-   host settings);
-3. inputs, what a run reads or starts from: data, convert (torchvision weights), transfer
-   (--init_from's layer matching). DESIGN.md places convert and transfer here, below training,
-   because a run starts from them (`--init_from` reads converted weights and copies layers);
+   (checkpoint);
+3. inputs, what a run reads or starts from: data, convert (torchvision weights), pretrained
+   (the weight registry, download, verify, cache), transfer (--init_from's layer matching).
+   DESIGN.md places convert, pretrained and transfer here, below training, because a run starts
+   from them (`--init_from` reads converted weights and copies layers). The `cnnjax` package
+   itself sits here too: it re-exports `pretrained` (DESIGN.md's `cnnjax.pretrained(...)`),
+   besides models and parallel's host settings, so it may import this layer; no module below
+   imports the package;
 4. training: cnnjax.training and its stable path cnnjax.train;
 5. what builds on training: nas (the search trains children with the trainer's steps),
-   ensemble, predict;
+   ensemble, predict, evaluate (measures weights and runs' checkpoints with the trainer's eval
+   step and predict's transform);
 6. tools: benchmarks and experiments (thin entry points, presets, notebooks' helpers).
 """
 from __future__ import annotations
@@ -30,10 +34,12 @@ PACKAGES = ("cnnjax", "experiments", "benchmarks")
 LAYERS = [  # (name, module prefixes); a module takes the layer of its longest matching prefix
     ("flags", ["cnnjax.flags"]),
     ("models", ["cnnjax.models", "cnnjax.profile", "cnnjax.summary", "cnnjax.plots"]),
-    ("runtime", ["cnnjax", "cnnjax.runtime", "cnnjax.parallel", "cnnjax.checkpoint"]),
-    ("inputs", ["cnnjax.data", "cnnjax.convert", "cnnjax.transfer"]),
+    ("runtime", ["cnnjax.runtime", "cnnjax.parallel", "cnnjax.checkpoint"]),
+    ("inputs", ["cnnjax", "cnnjax.data", "cnnjax.convert", "cnnjax.pretrained",
+                "cnnjax.transfer"]),
     ("training", ["cnnjax.training", "cnnjax.train"]),
-    ("built on training", ["cnnjax.nas", "cnnjax.ensemble", "cnnjax.predict"]),
+    ("built on training", ["cnnjax.nas", "cnnjax.ensemble", "cnnjax.predict",
+                           "cnnjax.evaluate"]),
     ("tools", ["benchmarks", "experiments"]),
 ]
 

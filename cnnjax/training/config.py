@@ -19,6 +19,7 @@ from cnnjax import convert, flags
 from cnnjax.data import sources
 from cnnjax.models import nasnet, nasspec
 from cnnjax.models.registry import create_model
+from cnnjax.pretrained import named, weights_entry
 
 
 @dataclasses.dataclass
@@ -56,8 +57,9 @@ class TrainConfig:
     eval_every: int | None = None       # steps; default once per epoch
     checkpoint_every: int | None = None # steps; default once per epoch
     workdir: str | None = None          # default runs/ARCH-DATASET
-    init_from: str | None = None        # an earlier run's workdir: a fresh run starts from the
-                                        # layers of its latest checkpoint that fit (cnnjax.transfer)
+    init_from: str | None = None        # an earlier run's workdir, converted weights or
+                                        # "pretrained[:NAME]" (torchvision's, for --arch): a fresh
+                                        # run starts from the layers that fit (cnnjax.transfer)
 
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with its checkpoint: state structure and data stream.
@@ -95,7 +97,7 @@ class TrainConfig:
             flags.check_directory("data_dir", self.data_dir,
                                   sources.default_data_dir(self.data_dir))
         if self.init_from is not None:
-            check_init_from(self.init_from, self.workdir)
+            check_init_from(self)
         flags.check_directory("workdir", default_workdir(self) if self.workdir is None
                               else self.workdir)
         self.__dict__["_validated"] = self._settings()  # not a field: asdict leaves it out
@@ -144,19 +146,31 @@ _RULES: dict[str, flags.Rule] = {  # TrainConfig.validate's per-field checks
 }
 
 
-def check_init_from(init_from: str | os.PathLike, workdir: str | os.PathLike | None) -> None:
-    """--init_from must be weights converted by cnnjax.convert or an earlier run's workdir with
-    a checkpoint, not this run's own."""
-    what = ("the workdir of an earlier run, whose latest checkpoint is read, or weights "
-            "written by python -m cnnjax.convert")
+def check_init_from(config: TrainConfig) -> None:
+    """--init_from must be weights converted by cnnjax.convert, an earlier run's workdir with a
+    checkpoint (not this run's own), or published weights of the run's --arch by name (checked
+    against the registry only: nothing is downloaded here)."""
+    init_from, shown = config.init_from, f"--init_from={flags.show(config.init_from)}"
+    name = named(init_from)
+    if name is not None:
+        try:
+            if config.arch_spec is not None:
+                raise ValueError("an --arch_spec network has no published weights")
+            weights_entry(config.arch, name)
+        except ValueError as e:
+            raise ValueError(f"{shown}: {e}") from None
+        return
+    what = ("the workdir of an earlier run, whose latest checkpoint is read, weights written "
+            "by python -m cnnjax.convert, or pretrained[:NAME] (torchvision's weights)")
     flags.check_existing_directory("init_from", init_from, what)
     if convert.is_converted(init_from):
         convert.read_meta(init_from, flag="init_from")
         return
-    ckpt.require_saved(init_from, f"--init_from={flags.show(init_from)}")
+    ckpt.require_saved(init_from, shown)
+    workdir = config.workdir
     if workdir is not None and os.path.realpath(init_from) == os.path.realpath(workdir):
-        raise ValueError(f"--init_from={flags.show(init_from)} is this run's own --workdir; "
-                         "leave --init_from out to resume that run")
+        raise ValueError(f"{shown} is this run's own --workdir; leave --init_from out to resume "
+                         "that run")
 
 
 def min_image_size(model: nn.Module) -> int:
@@ -178,5 +192,14 @@ def default_workdir(config: TrainConfig) -> str:
     and resume, the from-scratch run of the same arch)."""
     name = f"{config.arch}-{config.dataset}"
     if config.init_from is not None:
-        name += "-from-" + pathlib.Path(config.init_from).resolve().name
+        name += "-from-" + init_source(config).replace(":", "-").rsplit("/", 1)[-1]
     return str(pathlib.Path("runs") / name)
+
+
+def init_source(config: TrainConfig) -> str:
+    """What --init_from names, spelled the same whichever way it was given: the resolved path,
+    or "pretrained:NAME" with torchvision's name (DEFAULT resolved) for published weights."""
+    name = named(config.init_from)
+    if name is None:
+        return str(pathlib.Path(config.init_from).resolve())
+    return "pretrained:" + weights_entry(config.arch, name)[0]

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 from cnnjax import checkpoint as ckpt
 from cnnjax import convert, flags, transfer
 from cnnjax.models import nasnet, nasspec
-from cnnjax.training.config import TrainConfig
+from cnnjax.pretrained import directory as pretrained_directory
+from cnnjax.pretrained import named
+from cnnjax.training.config import TrainConfig, init_source
 from cnnjax.training.steps import TrainState, init_state
 
 BEST = "best"  # WORKDIR/best: the checkpoint of the best eval top-1 so far
@@ -77,7 +79,7 @@ def check_started_from(record: dict | None, config: TrainConfig, workdir: pathli
     if config.init_from is None or record is None:
         return
     theirs = (record.get("init_from") or {}).get("run")
-    if theirs != str(pathlib.Path(config.init_from).resolve()):
+    if theirs != init_source(config):
         how = f"from {theirs}" if theirs else "from scratch"
         raise ckpt.CheckpointMismatch(
             f"{workdir} holds a run started {how}, not from --init_from="
@@ -125,6 +127,8 @@ def starting_state(config: TrainConfig, model: nn.Module, tx, channels: int,
         checkpoints = ckpt.Checkpointer(workdir, create=False)
         checkpoints.check_identity(config.identity())
         check_started_from(checkpoints.record(), config, workdir)
+    elif named(config.init_from) is not None:  # published weights: fetched before JAX work
+        pretrained_directory(config.arch, named(config.init_from))
     state = init_state(model, tx, config, channels, mesh)
     if not resuming:
         if config.init_from is None:
@@ -136,7 +140,9 @@ def starting_state(config: TrainConfig, model: nn.Module, tx, channels: int,
     start = Start(state, int(record["data_position"]["step"]), record.get("init_from"))
     if start.started_from:
         s = start.started_from
-        start.line = (f"started from {s['run']} ({s['arch']}, step {s['step']}): "
+        how = (f"step {s['step']}" if s["step"] is not None
+               else f"converted from {s.get('converted_from')}")
+        start.line = (f"started from {s['run']} ({s['arch']}, {how}): "
                       f"{s['copied_tensors']} tensors of {', '.join(s['copied_layers'])} copied "
                       "at step 0")
     return start
@@ -147,10 +153,15 @@ def start_from(state: TrainState, config: TrainConfig) -> tuple[TrainState, int,
     state's shardings: VGG deepening from vgg11 to a deeper VGG, name and shape otherwise (see
     cnnjax.transfer). The optimizer state, step and RNG stay fresh.
 
+    Published weights ("pretrained[:NAME]") are downloaded and converted into cnnjax's cache
+    first (pretrained.DownloadError, one line, when that fails), then read like converted ones.
     Returns the state, step 0, what was copied (JSON, kept in the checkpoints and summary.json)
     and the line the run prints. ValueError, naming --init_from, when nothing fits."""
-    if convert.is_converted(config.init_from):
-        _, source, meta = convert.load_pretrained(config.init_from)
+    directory = config.init_from
+    if named(directory) is not None:  # published weights: the converted cache, made if need be
+        directory = pretrained_directory(config.arch, named(directory))
+    if convert.is_converted(directory):
+        _, source, meta = convert.load_pretrained(directory)
         source_arch, step, origin = meta["arch"], None, meta.get("source", {}).get("file")
     else:
         _, source, record = load_checkpoint(config.init_from)
@@ -162,10 +173,12 @@ def start_from(state: TrainState, config: TrainConfig) -> tuple[TrainState, int,
                                                target_arch=config.arch)
     except ValueError as e:
         raise ValueError(f"--init_from={flags.show(config.init_from)}: {e}") from None
-    started = {"run": str(pathlib.Path(config.init_from).resolve()), "arch": source_arch,
-               "step": step, **report.to_json()}
+    started = {"run": init_source(config), "arch": source_arch, "step": step,
+               **report.to_json()}
     if origin is not None:
         started["converted_from"] = origin
+    if directory != config.init_from:
+        started["converted"] = str(directory)
     state = state.replace(params=variables["params"], batch_stats=variables["batch_stats"])
     how = f"step {step}" if step is not None else f"converted from {origin}"
     return state, 0, started, report.summary(f"{config.init_from} ({source_arch}, {how})")

@@ -139,6 +139,12 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Train
                             opt_state=opt_state)
         return new, {"loss": loss, "lr": schedule(state.step), "finite": finite}
 
+    return train_step, make_eval_step(model)
+
+
+def make_eval_step(model: nn.Module) -> Callable:
+    """The pure eval step: (state, batch) -> the masked sums of loss, top-1, top-5 and count.
+    It reads only state.params and state.batch_stats (any object holding them serves)."""
     def eval_step(state: TrainState, batch: dict) -> dict:
         logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                              batch["image"], train=False).astype(jnp.float32)
@@ -148,8 +154,7 @@ def make_steps(model: nn.Module, tx: optax.GradientTransformation, config: Train
                 "top1": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
                 "top5": jnp.sum(jnp.any(top5 == labels[:, None], -1) * mask),
                 "count": jnp.sum(mask)}
-
-    return train_step, eval_step
+    return eval_step
 
 
 def make_init(model: nn.Module, tx: optax.GradientTransformation,
