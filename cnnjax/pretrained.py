@@ -37,7 +37,11 @@ import sys
 import tempfile
 from typing import Any
 
-from cnnjax import convert, flags
+from cnnjax import flags
+
+# cnnjax.convert is imported in the functions that use it: `import cnnjax` imports this module,
+# and a cnnjax.convert imported with it would make `python -m cnnjax.convert` warn that the
+# module it runs had been imported before (runpy's RuntimeWarning, a second stderr line).
 
 REGISTRY_FILE = "pretrained_weights.json"
 CACHE_ENV = "CNNJAX_CACHE"
@@ -172,6 +176,7 @@ def _expected(file: str, sha256: str | None) -> str:
 def resolve(arch: str, weights: str | None = None, sha256: str | None = None) -> Source:
     """Where `arch`'s weights come from and what their hash must be; ValueError for an unknown
     name (naming the choices) or a file that cannot be verified."""
+    from cnnjax import convert
     convert.family(arch)  # an architecture torchvision lacks: its message names the shared ones
     if weights is not None and (re.match(r"https?://", weights) or os.sep in weights
                                 or pathlib.Path(weights).suffix in convert.FORMATS):
@@ -214,6 +219,7 @@ def _mirrored(source: Source) -> Source:
 
 def _verify(path: str | os.PathLike, expected: str, what: str) -> str:
     """The file's SHA-256; _Mismatch unless it starts with `expected` (torch.hub's check)."""
+    from cnnjax import convert
     digest = convert.sha256(path)
     if not digest.startswith(expected):
         raise _Mismatch(f"{what} has SHA-256 {digest[:max(len(expected), 8)]}..., expected "
@@ -302,6 +308,7 @@ def fetch(source: Source) -> pathlib.Path:
 def _complete(path: pathlib.Path) -> bool:
     """A converted directory that a later call may trust. Finished ones only ever appear by
     rename, so anything else under the name (a crash while removing one) counts as absent."""
+    from cnnjax import convert
     try:
         convert.read_meta(path)
         return True
@@ -313,6 +320,7 @@ def converted(arch: str, source: Source) -> pathlib.Path:
     """The cache directory of `source`'s weights converted for `arch` (pretrained.json and the
     orbax variables, what `convert.load_pretrained` reads), converting them on the first call.
     Two processes converting at once each write a temporary directory; the first rename wins."""
+    from cnnjax import convert
     final = cache_dir() / "converted" / arch / source.key
     if _complete(final):
         return final
@@ -343,6 +351,7 @@ def converted(arch: str, source: Source) -> pathlib.Path:
 
 
 def _preprocess(arch: str, source: Source) -> dict[str, Any]:
+    from cnnjax import convert
     return (preprocessing(arch, source.entry) if source.entry is not None
             else convert.preprocessing(arch))
 
@@ -371,6 +380,7 @@ def pretrained(arch: str, weights: str | None = None, *, sha256: str | None = No
     None for a fresh head), "metrics" (published ImageNet-1k top-1/top-5, percent), "weights",
     "num_params", "source" (file, URL, SHA-256), "cache" (the converted directory).
     """
+    from cnnjax import convert
     flags.optional(flags.POSITIVE_INT).check("num_classes", num_classes)
     if features_only and num_classes is not None:
         raise ValueError("features_only=True builds no classifier; drop num_classes")

@@ -197,7 +197,8 @@ def test_the_command_converts_files_without_importing_torch(resnet18_state, tmp_
         assert convert.main(["--arch=resnet18", "--checkpoint={source}", "--out={out}"]) == 0
         model, variables, meta = convert.load_pretrained("{out}")
         x = np.random.default_rng(1).standard_normal((1, 64, 80, 3), dtype=np.float32)
-        apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        from cnnjax import runtime  # compiled as cnnjax_logits compiles (tests/helpers.jit_once)
+        apply = runtime.jit_on(jax.devices()[0], lambda v, x: model.apply(v, x, train=False))
         np.save("{tmp_path / 'logits.npy'}", np.asarray(apply(variables, x)))
         assert "torch" not in sys.modules, "reading {suffix} imported torch"
     """)

@@ -2,8 +2,8 @@
 `experiments.validate` (a run's checkpoint, published weights on a fake ImageNet), one-line
 errors with exit status 2, and the weights' evaluation transform against torchvision's.
 
-Nothing reaches the internet: as in test_pretrained.py (whose server and registry fixtures
-these tests use), a random resnet18 in torchvision's format is served from 127.0.0.1 as the
+Nothing reaches the internet: as in test_pretrained.py (tests/weights_server.py: the server and
+registry fixtures), a random resnet18 in torchvision's format is served from 127.0.0.1 as the
 registry entry "TEST_V1", reached through CNNJAX_WEIGHTS_MIRROR.
 """
 from __future__ import annotations
@@ -20,19 +20,15 @@ import sys
 import jax
 import numpy as np
 import pytest
-import test_pretrained
 from PIL import Image
 
 from cnnjax import convert, predict, train
 from experiments import validate as validate_cli
 
 from helpers import cli
+from weights_server import P, env, needs_torch, registry_entry, server, weights
 
-P, needs_torch, test_entry = test_pretrained.P, test_pretrained.needs_torch, \
-    test_pretrained.test_entry
-# test_pretrained's fixtures: the weights file, its server, the registry with TEST_V1 and the
-# mirror set.
-weights, server, env = test_pretrained.weights, test_pretrained.server, test_pretrained.env
+__all__ = ["env", "server", "weights"]  # fixtures the tests below take by name
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -123,7 +119,7 @@ def test_predict_offline_in_a_real_process_is_one_line(photo, tmp_path):
 @needs_torch
 def test_offline_without_a_mirror_every_command_says_where_the_file_goes(
         env, weights, monkeypatch, photo, data_dir, fake_imagenet, tmp_path):
-    entry = test_entry(weights, closed_url())
+    entry = registry_entry(weights, closed_url())
     env["architectures"]["resnet18"]["weights"]["TEST_V1"] = entry
     monkeypatch.delenv(P.MIRROR_ENV)
     from experiments import train as train_cli
