@@ -48,7 +48,7 @@ CACHE_ENV = "CNNJAX_CACHE"
 MIRROR_ENV = "CNNJAX_WEIGHTS_MIRROR"
 # (connect, read) seconds: a host that is unreachable or never answers fails fast, not hangs.
 TIMEOUT = (5.0, 30.0)
-_HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's rule: the hex after the last "-"
+HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torch.hub's rule: the hex after the last "-"
 _NAME = re.compile(r"[A-Z][A-Z0-9_]*")  # torchvision's weight names: IMAGENET1K_V1, DEFAULT
 
 
@@ -159,7 +159,7 @@ def cache_dir() -> pathlib.Path:
 
 
 def _expected(file: str, sha256: str | None) -> str:
-    found = _HASH_IN_NAME.findall(file)
+    found = HASH_IN_NAME.findall(file)
     if sha256 is not None:
         sha256 = sha256.lower().removeprefix("sha256:")
         if not re.fullmatch(r"[0-9a-f]{8,64}", sha256):
@@ -190,7 +190,7 @@ def resolve(arch: str, weights: str | None = None, sha256: str | None = None) ->
         if not os.path.isfile(weights):
             raise ValueError(f"weights={weights!r} is neither a weights name nor a file")
         digest = convert.sha256(weights)
-        expected = (_expected(file, sha256) if sha256 or _HASH_IN_NAME.search(file)
+        expected = (_expected(file, sha256) if sha256 or HASH_IN_NAME.search(file)
                     else digest)
         return Source(file, expected, path=os.path.abspath(weights), name=name, entry=entry,
                       digest=digest)

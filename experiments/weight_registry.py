@@ -18,11 +18,11 @@ import argparse
 import json
 import math
 import pathlib
-import re
 import sys
 from typing import Any
 
 from cnnjax import convert
+from cnnjax.pretrained import HASH_IN_NAME
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 REGISTRY = ROOT / "cnnjax" / "data" / "pretrained_weights.json"
@@ -30,13 +30,12 @@ CATEGORIES_FILE = "imagenet_classes.txt"
 # torchvision's googlenet builder sets transform_input=True when it loads published weights:
 # the network re-normalises ImageNet-normalised input to (x - 0.5) / 0.5 (see convert.FAMILIES).
 TRANSFORM_INPUT = ("googlenet",)
-_HASH = re.compile(r"-([a-f0-9]+)\.")  # the hex torch.hub checks: after the last "-"
 
 
 def _entry(weights: Any) -> dict[str, Any]:
     meta, transform = weights.meta, weights.transforms()
     file = weights.url.rsplit("/", 1)[-1]
-    found = _HASH.findall(file)
+    found = HASH_IN_NAME.findall(file)
     if not found:
         raise ValueError(f"{weights}: {file} carries no hash prefix")
     metrics = meta["_metrics"]["ImageNet-1K"]
