@@ -13,7 +13,18 @@ os.environ.setdefault("KERAS_HOME", "/tmp/cnnjax-test-keras")  # importing TF wr
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "cnnjax-test-jax-cache"))
 
+from helpers import FAST_COMPILE_FLAGS  # noqa: E402 - after the cache's place is set
+
+# Compile for compile speed (helpers.FAST_COMPILE_FLAGS): read when JAX's CPU backend starts.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAGS}".strip()
+
 REFERENCE = pathlib.Path(__file__).parent / "reference"
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first: on xdist's workers they then overlap the many short ones instead of
+    running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def read_csv(name: str) -> list[dict[str, str]]:

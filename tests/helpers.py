@@ -64,11 +64,23 @@ def free_port() -> int:
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def env(devices: int, xla_flags: str = "", threads: int | None = None) -> dict:
+# The suite's programs run once or a few times at small sizes: XLA:CPU without LLVM's
+# optimisations (runtime.FAST_CPU_COMPILE, as XLA flags) compiles them in about 60% of the time
+# and runs them about as fast for a few steps (not for hundreds: the README's 220-step run took
+# 148 s instead of 100). tests/conftest.py sets them for the test processes; `env` gives them to
+# the processes the tests start, unless a test asks for optimised code (a whole run).
+FAST_COMPILE_FLAGS = " ".join(f"--{k}={str(v).lower()}" for k, v in
+                              runtime.FAST_CPU_COMPILE.items())
+
+
+def env(devices: int, xla_flags: str = "", threads: int | None = None,
+        optimised: bool = False) -> dict:
     """The environment of a process of this checkout with `devices` CPU devices (and `threads`
-    XLA CPU client threads, PJRT_NPROC, if given)."""
+    XLA CPU client threads, PJRT_NPROC, if given), compiling fast unless `optimised`."""
+    flags = [f"--xla_force_host_platform_device_count={devices}",
+             "" if optimised else FAST_COMPILE_FLAGS, xla_flags]
     e = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_HOME=os.environ.get("KERAS_HOME", "/tmp"),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip())
+             XLA_FLAGS=" ".join(f for f in flags if f))
     e.pop("JAX_NUM_CPU_DEVICES", None)
     if threads:
         e["PJRT_NPROC"] = str(threads)
