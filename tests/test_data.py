@@ -392,6 +392,11 @@ class TinyFixed(TinyPhotos, skip_registration=True):
 
 
 def _register(monkeypatch, name, cls):
+    # A name's facts and small splits are cached by (name, data dir): a passing test's tmp_path
+    # is removed at once and its number used again, so the next test here may see the same
+    # data dir under the same name with another builder.
+    sources.dataset_info_cached.cache_clear()
+    sources._array_split.cache_clear()
     monkeypatch.setitem(data.DATASETS, name, data.Spec(
         cls.name, test_split="test", make_builder=lambda d: cls(data_dir=d), offline=True))
 
