@@ -14,7 +14,7 @@ import cnnjax
 from cnnjax import runtime
 from cnnjax.models import fastconv, layers
 
-from helpers import jit_once
+from helpers import jit_once, random_variables
 
 DN = lax.conv_dimension_numbers((1, 1, 1, 1), (1, 1, 1, 1), ("NHWC", "HWIO", "NHWC"))
 
@@ -274,7 +274,7 @@ def test_a_model_is_the_same_function_with_the_same_parameters(name):
     model = cnnjax.create_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
     with fastconv.impl("xla"):
-        variables = jit_once(lambda k, x: model.init(k, x, train=False))(jax.random.key(1), x)
+        variables = random_variables(model, x, train=False)
     auto_vars = jax.eval_shape(lambda k, x: model.init(k, x, train=False), jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, auto_vars) == jax.tree.map(jnp.shape, variables)
 

@@ -15,7 +15,7 @@ import pytest
 import cnnjax
 from cnnjax.models import feature_info, strip_head
 
-from helpers import SIBLINGS
+from helpers import SIBLINGS, random_values
 
 # Every model but the variants whose modules a sibling's repeat (their backbone code is the
 # sibling's: the same family module, other counts and widths).
@@ -105,21 +105,6 @@ def test_input_checks_still_run_first():
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
 
 
-def random_variables(like, seed: int = 0):
-    """Values for a tree of variable shapes without compiling an init: He-scaled kernels, scales
-    and running variances in [0.5, 1.5], small biases and running means."""
-    rng = np.random.default_rng(seed)
-
-    def value(path, leaf):
-        if path[-1].key == "kernel":
-            return rng.normal(0, np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.shape)
-        if path[-1].key in ("scale", "var"):
-            return rng.uniform(0.5, 1.5, leaf.shape)
-        return rng.normal(0, 0.1, leaf.shape)
-    return jax.tree_util.tree_map_with_path(lambda p, leaf: value(p, leaf).astype(np.float32),
-                                            like)
-
-
 def test_resnet18_backbone_loads_the_full_models_weights_and_gives_its_activations():
     """A full model's variables, head dropped, drive the backbone: each level equals the full
     model's activation at the stage its docstring names (computed: eagerly, at 64x64)."""
@@ -128,7 +113,7 @@ def test_resnet18_backbone_loads_the_full_models_weights_and_gives_its_activatio
     full = cnnjax.create_model("resnet18")
     backbone = cnnjax.create_model("resnet18", features_only=True)
     x = jax.random.normal(jax.random.key(0), (1, 64, 64, 3))
-    variables = random_variables(traced("resnet18", False)[1])  # no shape depends on the size
+    variables = random_values(traced("resnet18", False)[1])  # no shape depends on the size
     _, state = full.apply(variables, x, train=False, mutable=["intermediates"],
                           capture_intermediates=lambda m, method: m.name in stages.values())
     like = traced("resnet18", True)[1]

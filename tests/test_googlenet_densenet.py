@@ -13,7 +13,13 @@ import cnnjax
 from cnnjax.models import googlenet
 from cnnjax.models.densenet import DenseNet
 
-from helpers import assert_tree_close, jit_once, residual_bytes, train_step_outputs
+from helpers import (
+    assert_tree_close,
+    jit_once,
+    random_variables,
+    residual_bytes,
+    train_step_outputs,
+)
 
 TORCHVISION = {r["model"]: r for r in read_csv("torchvision_reference.csv")}
 DERIVED = {r["model"]: r for r in read_csv("derived_counts.csv")}
@@ -35,7 +41,7 @@ def test_aux_logits_train_returns_three_heads_eval_returns_one(name, size):
     model = cnnjax.create_model(name, num_classes=10, aux_logits=True)
     plain = cnnjax.create_model(name, num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    variables = jit_once(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    variables = random_variables(model, x, train=False)
     assert {"aux1", "aux2"} <= set(variables["params"])  # built by an eval-mode init
     w = jax.random.normal(jax.random.key(2), (3, 2, 10))
 

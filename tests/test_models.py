@@ -13,7 +13,14 @@ import cnnjax
 from cnnjax import convert
 from cnnjax.models import fastconv
 
-from helpers import SIBLINGS, assert_tree_close, jit_once, residual_bytes, train_step_outputs
+from helpers import (
+    SIBLINGS,
+    assert_tree_close,
+    jit_once,
+    random_variables,
+    residual_bytes,
+    train_step_outputs,
+)
 
 # Deeper variants of a family whose every module a lighter sibling already trains in
 # test_forward_train_and_gradients (resnet152: resnet50's blocks; densenet201: densenet121's):
@@ -23,14 +30,16 @@ HEAVY = {"resnet152", "se_resnet152", "resnext101_32x8d", "resnet101", "se_resne
 LIGHT = [n for n in cnnjax.list_models() if n not in HEAVY and n not in SIBLINGS]
 
 
+@functools.cache  # a sibling stands in for up to four variants: traced once per worker
+def layer_kinds(name: str) -> frozenset:
+    layers = cnnjax.profile(name, small_size(cnnjax.create_model(name))).layers
+    return frozenset((layer.kind, layer.kernel, layer.stride) for layer in layers)
+
+
 @pytest.mark.parametrize("variant, sibling", sorted(SIBLINGS.items()))
 def test_variants_use_no_layer_kind_their_sibling_lacks(variant, sibling):
-    def kinds(name):
-        model = cnnjax.create_model(name)
-        layers = cnnjax.profile(name, small_size(model)).layers
-        return {(layer.kind, layer.kernel, layer.stride) for layer in layers}
     assert sibling in LIGHT or sibling in HEAVY
-    assert kinds(variant) <= kinds(sibling)
+    assert layer_kinds(variant) <= layer_kinds(sibling)
 
 
 def small_size(model) -> int:
@@ -49,7 +58,7 @@ def test_deep_variants_run_forward_to_finite_logits(name):
     model = cnnjax.create_model(name, num_classes=10)
     size = small_size(model)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    variables = jit_once(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    variables = random_variables(model, x, train=False)
     logits = jit_once(functools.partial(model.apply, train=False))(variables, x)
     chex.assert_shape(logits, (2, 10))
     chex.assert_tree_all_finite(logits)
@@ -61,7 +70,7 @@ def test_forward_train_and_gradients(name):
     model = cnnjax.create_model(name, num_classes=10)
     size = small_size(model)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    variables = jit_once(functools.partial(model.init, train=False))(jax.random.key(1), x)
+    variables = random_variables(model, x, train=False)
     w = jax.random.normal(jax.random.key(2), (2, 10))
 
     train_step = train_step_outputs(model, w)
@@ -116,9 +125,8 @@ def test_bf16_forward_is_finite_and_close_to_float32(name):
     bf16 = cnnjax.create_model(name, num_classes=10, dtype=jnp.bfloat16)
     size = small_size(f32)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
-    variables = f32.init(jax.random.key(1), x, train=False)
-    a = f32.apply(variables, x, train=False)
-    b = bf16.apply(variables, x, train=False)
+    variables = random_variables(f32, x, train=False)
+    a, b = (jit_once(functools.partial(m.apply, train=False))(variables, x) for m in (f32, bf16))
     chex.assert_tree_all_finite(b)
     assert jnp.abs(a - b.astype(jnp.float32)).max() <= 0.05 * jnp.abs(a).max() + 1e-3
 
@@ -171,39 +179,41 @@ def test_integer_images_are_refused():
 def test_channel_check_also_guards_apply():
     """Initialised for 3 channels, a 1-channel batch fails with the message, not an XLA error."""
     model = cnnjax.create_model("resnet18")
-    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    variables = random_variables(model, jnp.zeros((1, 32, 32, 3)), train=False)
     with pytest.raises(ValueError, match="expects 3 input channels"):
         model.apply(variables, jnp.zeros((1, 32, 32, 1)), train=False)
 
 
 def test_in_channels_override_for_grayscale():
     model = cnnjax.create_model("resnet18", num_classes=10, in_channels=1)
-    variables = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)), train=False)
-    chex.assert_shape(model.apply(variables, jnp.zeros((2, 8, 8, 1)), train=False), (2, 10))
+    variables = random_variables(model, jnp.zeros((2, 8, 8, 1)), train=False)
+    apply = jit_once(functools.partial(model.apply, train=False))
+    chex.assert_shape(apply(variables, jnp.zeros((2, 8, 8, 1))), (2, 10))
     assert variables["params"]["conv_init"]["kernel"].shape == (7, 7, 1, 64)
 
 
 def test_dropout_needs_and_uses_the_dropout_rng():
     model = cnnjax.create_model("alexnet", num_classes=10)
     x = jax.random.normal(jax.random.key(0), (2, 63, 63, 3))
-    variables = model.init(jax.random.key(1), x, train=False)
-    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
-    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(3)})
+    variables = random_variables(model, x, train=False)
+    train = jit_once(lambda v, x, key: model.apply(v, x, train=True, rngs={"dropout": key}))
+    a, b = (train(variables, x, jax.random.key(k)) for k in (2, 3))
     assert not np.allclose(a, b)
-    np.testing.assert_array_equal(model.apply(variables, x, train=False),
-                                  model.apply(variables, x, train=False))
+    evaluate = jit_once(functools.partial(model.apply, train=False))
+    np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
 
 
 def test_zero_init_residual_makes_blocks_start_as_identity_branches():
     model = cnnjax.create_model("resnet50", zero_init_residual=True)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
                                jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
-    real = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    init = lambda model: jit_once(functools.partial(model.init, train=False))(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    real = init(model)
     for stage_block in ("stage1_block1", "stage4_block3"):
         assert np.all(np.asarray(real["params"][stage_block]["bn3"]["scale"]) == 0)
         assert np.all(np.asarray(real["params"][stage_block]["bn1"]["scale"]) == 1)
-    default = cnnjax.create_model("resnet18").init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)),
-                                                    train=False)
+    default = init(cnnjax.create_model("resnet18"))
     assert np.all(np.asarray(default["params"]["stage1_block1"]["bn2"]["scale"]) == 1)
     assert variables["params"]["stage1_block1"]["bn3"]["scale"].shape == (256,)
 
@@ -221,7 +231,7 @@ def test_resnet_remat_is_the_same_function(block):
     init = [functools.partial(m.init, train=False) for m in (plain, remat)]
     chex.assert_trees_all_equal_shapes_and_dtypes(  # same paths: flax draws each by its path
         *(jax.eval_shape(f, jax.random.key(1), x) for f in init))
-    variables = jit_once(init[0])(jax.random.key(1), x)
+    variables = random_variables(plain, x, train=False)
     w = jax.random.normal(jax.random.key(2), (2, 10))
     a, b = (jit_once(train_step_outputs(m, w))(variables, x) for m in (plain, remat))
     chex.assert_tree_all_finite(b)

@@ -10,6 +10,8 @@ from PIL import Image
 
 from cnnjax import convert, predict
 
+from helpers import random_variables
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -27,35 +29,12 @@ def photo() -> Image.Image:
     return Image.fromarray(load_sample_image("china.jpg"))
 
 
-def random_variables(model, input_shape, seed=0) -> dict:
-    """Variables of `model` drawn with NumPy from its shapes: kernels of variance 1 / fan-in (so
-    the softmax is not all on one class), small biases, identity BatchNorm. (Flax's own init
-    takes 15-30 s to compile on a busy CPU.)"""
-    import jax
-    from flax import traverse_util
-    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False),
-                              jax.ShapeDtypeStruct(input_shape, np.float32))
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, leaf in traverse_util.flatten_dict(abstract).items():
-        shape, name = leaf.shape, path[-1]
-        if name == "kernel":
-            value = rng.normal(0, np.sqrt(1 / np.prod(shape[:-1])), shape)
-        elif name in ("scale", "var"):
-            value = np.ones(shape)
-        elif name == "mean":
-            value = np.zeros(shape)
-        else:
-            value = rng.normal(0, 0.01, shape)
-        flat[path] = value.astype(np.float32)
-    return traverse_util.unflatten_dict(flat)
-
-
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> pathlib.Path:
     """A converted resnet18 directory made without torch (random variables)."""
     from cnnjax import create_model
-    variables = random_variables(create_model("resnet18"), (1, 32, 32, 3))
+    variables = random_variables(create_model("resnet18"), np.zeros((1, 32, 32, 3), np.float32),
+                                 train=False)
     out = tmp_path_factory.mktemp("converted") / "resnet18"
     return convert.save_pretrained(out, "resnet18", variables, num_classes=1000)
 
@@ -156,7 +135,8 @@ def test_predict_batches_and_names():
     """A 10-class model gets "class N" names; a padded last batch changes no image's answer."""
     from cnnjax import create_model
     model = create_model("resnet18", num_classes=10)
-    variables = random_variables(model, (1, 32, 32, 3), seed=1)
+    variables = random_variables(model, np.zeros((1, 32, 32, 3), np.float32), seed=1,
+                                 train=False)
     x = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
     whole = predict.probabilities(model, variables, x, batch_size=3)
     padded = predict.probabilities(model, variables, x, batch_size=2)  # 2, then 1 padded to 2
