@@ -1,8 +1,12 @@
 """Each periodic action of the training loop alone, driven by a fake step (no model, no jit):
 what it writes, when it runs, what it keeps (cnnjax.training.actions)."""
+import importlib.util
 import io
 import json
 import math
+import subprocess
+import sys
+import textwrap
 
 import jax.numpy as jnp
 import numpy as np
@@ -225,3 +229,29 @@ def test_progress_in_a_log_writes_one_line_per_update_and_nothing_when_disabled(
     off.update(1, 0.5, 1.0)
     off.close()
     assert quiet.getvalue() == ""
+
+
+def test_the_metric_writer_leaves_pytorch_unimported_and_importable(tmp_path):
+    """tensorboardX imports torch when it can (2.6 s of a run's start): the writer imports it
+    without, writes its events all the same, and a later `import torch` still works. In a
+    fresh interpreter: this one may have imported either already."""
+    code = textwrap.dedent(f"""
+        import importlib.util, pathlib, sys
+        from cnnjax.training.actions import MetricWriter
+        writer = MetricWriter(pathlib.Path({str(tmp_path)!r}), enabled=True)
+        writer.write({{"step": 1, "loss": 0.5}})
+        writer.close()
+        assert "torch" not in sys.modules, "the metric writer imported PyTorch"
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+            assert torch.ones(2).sum().item() == 2.0
+            print("torch imported afterwards")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    if importlib.util.find_spec("torch") is not None:  # CI installs it (the torch extra)
+        assert "torch imported afterwards" in out.stdout
+    assert records(tmp_path) == [{"step": 1, "loss": 0.5}]
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events[0].stat().st_size > 0

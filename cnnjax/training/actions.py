@@ -30,6 +30,23 @@ def due(step: int, every: int, total: int) -> bool:
     return step % every == 0 or step == total
 
 
+def _tensorboardx():
+    """tensorboardX (TensorBoard event files without TensorFlow), imported without PyTorch:
+    its writer imports torch whenever torch is installed (2.6 s of every run's start on a
+    2-core EPYC), only to accept torch tensors, and cnnjax writes floats. While
+    `sys.modules["torch"]` is None, `import torch` raises ImportError (Python's import system
+    documents this), which tensorboardX catches; the entry is removed again at once."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
 class MetricWriter:
     """metrics.jsonl (one JSON object per record) and TensorBoard events; process 0 only."""
 
@@ -38,8 +55,7 @@ class MetricWriter:
         self.lines = JsonLines(workdir / "metrics.jsonl")
         self.tb = None
         if enabled:
-            import tensorboardX  # event files without importing TensorFlow
-            self.tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = _tensorboardx().SummaryWriter(str(workdir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
